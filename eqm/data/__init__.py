@@ -1,0 +1,1 @@
+"""Clip datasets with real timestamps: video folders, probe-fps manifests, synthetic motion."""

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+`EqmError` carries a one-line message that names the problem and the file or key. The CLI prints
+it without a traceback and exits with `exit_code` (2 for bad input, 1 for a failed run).
+"""
+
+
+class EqmError(Exception):
+    """An error caused by the user's input or environment, shown as one line."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:  # keep it one line whatever the caller passed
+        return " ".join(str(self.args[0]).split())

@@ -1,0 +1,30 @@
+"""The `eqmctl` Typer application. Each subcommand lives in its own module under
+`eqmctl/commands/` and is registered below; those modules import torch lazily."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="eqmctl",
+    help="Train and sample Equilibrium Matching video models that know real time: every frame "
+    "carries its timestamp in seconds, so a model generates at any frame rate with motion at the right speed.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# --- command registration (one line per subcommand) ---------------------------------------
+from eqmctl.commands import probe as _probe  # noqa: E402
+
+app.command("probe-fps")(_probe.probe_fps)
+# --- end of command registration ----------------------------------------------------------
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
