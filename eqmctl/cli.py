@@ -15,6 +15,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+@app.callback()
+def _root() -> None:
+    # An explicit callback keeps `eqmctl SUBCOMMAND` a group even while only one subcommand is
+    # registered (Typer otherwise runs a lone command as the app itself, without its name).
+    pass
+
+
 # --- command registration (one line per subcommand) ---------------------------------------
 from eqmctl.commands import probe as _probe  # noqa: E402
 
