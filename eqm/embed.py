@@ -1,0 +1,378 @@
+"""Time-aware positional encodings from per-token coordinates (tau, row, col).  SPEC section 3.
+
+Every token of a clip gets a coordinate triple (tau, row, col):
+
+* ``row``, ``col``: the token's patch-grid position (integers, as in DiT).
+* ``tau``: the token's temporal coordinate, set by the time mode
+    - ``seconds`` (the product): tau = (t - t_0) * ref_fps, t the frame's real timestamp in seconds;
+    - ``index`` (the time-blind baseline): tau = frame index k;
+    - ``fps-embed`` (ablation): tau = frame index k, plus a learned embedding of the clip's own
+      frame rate added to the conditioning vector (see :func:`clip_fps`, model.FpsEmbedder).
+  A token covering several frames (temporal patch > 1) takes the mean tau of its frames.
+
+Two encodings consume the coordinates; both work on (B, N, 3) tensors, so every sample of a
+batch keeps its own timestamps (a batch may mix 8 and 60 fps clips) and nothing loops over
+samples or heads.
+
+sincos (added to the tokens)
+    Channel layout, D = hidden size, n = D/4 frequencies per spatial axis:
+
+    ==========================  =======================================================
+    channels [0, D/2)            col:  [sin(w_i col) | cos(w_i col)],  w_i = 10000^(-i/n)
+    channels [D/2, D)            row:  [sin(w_i row) | cos(w_i row)]
+    d_t = time_frac * D          tau:  [sin(v_j tau) | cos(v_j tau) - 1], v_j = 10000^(-2j/d_t),
+    (default 1/4, at most 1/2)   the sin half added onto channels [D/2 - d_t/2, D/2), the
+                                 cos-1 half onto [D - d_t/2, D)
+    ==========================  =======================================================
+
+    The spatial part is exactly DiT/MAE ``get_2d_sincos_pos_embed`` (DiT builds its grid with
+    ``np.meshgrid(grid_w, grid_h)`` -- "here w goes first" -- so the FIRST half of the channels
+    encodes the column and the second half the row).  The temporal part is superposed rather than
+    given channels of its own, and is written as ``cos - 1`` so that it vanishes at tau = 0: a
+    single frame (T = 1) therefore encodes bit-for-bit like the official image model, and an
+    image checkpoint keeps its meaning inside a video model.  It sits on the cos-halves of the
+    lowest spatial frequencies, where the 2D code is almost constant over the grid (the lower
+    half of the frequencies are <= 0.01 rad/patch: over a 16-patch grid they move by < 0.012,
+    against a temporal amplitude of up to 2), so the two signals barely interfere.
+
+rope (rotary, applied to q and k inside attention)
+    Each head's channels are split into three even-sized groups [t | row | col]: d_t = the even
+    number nearest ``time_frac * head_dim`` (at least 2), the rest split as evenly as the
+    even-size rule allows, row first (head_dim 72 -> 18 | 28 | 26, 64 -> 16 | 24 | 24,
+    16 -> 4 | 6 | 6).  Within a group of d channels, channel pairs (2i, 2i+1) rotate by angle
+    coordinate * base^(-2i/d).  At tau = 0 the time group is not rotated, so T = 1 is plain
+    axial 2D RoPE.  The split is checked at construction (:func:`rope_split`): an odd head
+    dimension or an impossible split raises instead of being rounded away.
+
+Choice of ``ref_fps`` (r), measured with :func:`adjacent_frame_similarity`: the cosine
+similarity between the temporal sin/cos codes of two adjacent frames (1 = indistinguishable),
+which depends only on the step r / fps.  d_t = 96 time channels (sincos at S/B width; in
+brackets d_t = 16: sincos at "tiny" width and the RoPE time group of a 64-dim head):
+
+    ======  ===================  ===================  ===================
+    fps     r = 1                r = 24 (default)     r = 30
+    ======  ===================  ===================  ===================
+    6       0.999093 (0.9981)    0.755293 (0.6950)    0.736118 (0.7671)
+    8       0.999490 (0.9989)    0.810162 (0.6929)    0.765461 (0.6847)
+    12      0.999773 (0.9995)    0.892637 (0.7960)    0.849618 (0.7335)
+    24      0.999943 (0.9999)    0.968894 (0.9356)    0.952729 (0.9037)
+    30      0.999964 (0.9999)    0.979735 (0.9577)    0.968894 (0.9356)
+    60      0.999991 (1.0000)    0.994812 (0.9890)    0.991930 (0.9830)
+    120     0.999998 (1.0000)    0.998695 (0.9972)    0.997964 (0.9957)
+    240     0.999999 (1.0000)    0.999673 (0.9993)    0.999490 (0.9989)
+    ======  ===================  ===================  ===================
+
+r = 1 (raw seconds) is nearly degenerate: adjacent 30 fps frames differ by 1 - s = 3.6e-5.  With
+r = 24 even 240 fps frames differ 9x more than that (3.3e-4), and 120 fps frames 36x more.
+Larger r separates fast rates better but aliases at slow ones: within a 16-frame clip some
+*non-adjacent* pair becomes more similar than adjacent frames once the fastest channel turns by
+about a full period every two frames.  At d_t = 96 this never happens for r = 12, 24 or 30 at
+6-240 fps.  At d_t = 16 it happens for r = 24 at 8-12 fps (similarity excess up to 0.11) and for
+r = 30 at 8-15 fps (up to 0.12); r = 12 only at 6 fps, but r = 12 halves the separation at
+240 fps (1 - s = 8.2e-5 at d_t = 96, barely 2x r = 1 at 30 fps).  r = 24
+(:data:`DEFAULT_REF_FPS`) is the compromise: 9x better than r = 1 at the fastest rate we sample,
+less aliasing than r = 30 at narrow widths, and a 24 fps clip encodes exactly like the
+frame-index code.  r = 1 stays available (``ref_fps`` / recipe ``model.time.ref_fps``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import EqmError
+
+#: Reference rate r: tau = t_seconds * r (see the module docstring for the measurement).
+DEFAULT_REF_FPS = 24.0
+#: Default share of channels used by the temporal coordinate (sincos: of D; rope: of head_dim).
+DEFAULT_TIME_FRAC = 0.25
+#: Frequency base of every sin/cos and rotary code (DiT/MAE and RoPE use 10000).
+BASE = 10000.0
+
+TIME_MODES = ("seconds", "index", "fps-embed")
+POS_KINDS = ("sincos", "rope")
+
+
+# --------------------------------------------------------------------------------------------
+# 1D building block
+# --------------------------------------------------------------------------------------------
+
+def frequencies(dim: int, *, base: float = BASE, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The dim/2 angular frequencies w_i = base^(-2i/dim) of a dim-channel sin/cos code (w_0 = 1)."""
+    if dim % 2:
+        raise EqmError(f"a sin/cos code needs an even number of channels, got {dim}")
+    i = torch.arange(dim // 2, device=device, dtype=torch.float64)
+    return (base ** (-2.0 * i / dim)).to(dtype)
+
+
+def sincos_1d(pos: torch.Tensor, dim: int, *, base: float = BASE) -> torch.Tensor:
+    """[sin(w_i pos) | cos(w_i pos)] for positions of any shape -> (..., dim) (MAE/DiT 1D layout)."""
+    omega = frequencies(dim, base=base, device=pos.device, dtype=torch.float32)
+    arg = pos.to(torch.float32)[..., None] * omega
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinates
+# --------------------------------------------------------------------------------------------
+
+def _check_mode(time_mode: str) -> None:
+    if time_mode not in TIME_MODES:
+        raise EqmError(f"model.time.mode must be one of {', '.join(TIME_MODES)}, got {time_mode!r}")
+
+
+def check_timestamps(timestamps: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+    """Validate timestamps (B, T) or (T,) seconds and return them as (B, T) (a view, no copy)."""
+    if not torch.is_tensor(timestamps):
+        raise EqmError(f"timestamps must be a tensor of seconds, got {type(timestamps).__name__}")
+    if timestamps.ndim == 1:
+        timestamps = timestamps[None]
+    if timestamps.ndim != 2:
+        raise EqmError(f"timestamps must have shape (B, T) or (T,), got {tuple(timestamps.shape)}")
+    if num_frames is not None and timestamps.shape[1] != num_frames:
+        raise EqmError(f"timestamps have {timestamps.shape[1]} frames but the clip has {num_frames}")
+    if not timestamps.is_floating_point():
+        timestamps = timestamps.float()
+    return timestamps
+
+
+def temporal_coords(
+    timestamps: Optional[torch.Tensor],
+    num_frames: int,
+    *,
+    time_mode: str = "seconds",
+    ref_fps: float = DEFAULT_REF_FPS,
+    temporal_patch: int = 1,
+    device=None,
+) -> torch.Tensor:
+    """tau for every temporal token: (B, T // temporal_patch), or (1, ...) when timestamps is None.
+
+    ``seconds``: tau = (t - min t) * ref_fps, relative to each clip's own first frame.
+    ``index`` / ``fps-embed``: tau = frame index.  timestamps=None means index positions in every
+    mode (an image or a clip of unknown rate is treated as if sampled at ref_fps).
+    """
+    _check_mode(time_mode)
+    if timestamps is not None:
+        timestamps = check_timestamps(timestamps, num_frames)
+        device = timestamps.device
+    if num_frames % temporal_patch:
+        raise EqmError(f"{num_frames} frames cannot be cut into temporal patches of {temporal_patch}")
+    if time_mode == "seconds" and timestamps is not None:
+        # Relative to the clip's first (earliest) frame -- min, not column 0, so listing the
+        # frames in another order permutes the tokens and nothing else.  float32 seconds in,
+        # float32 tau out: frame k of an f-fps clip encodes exactly like time k/f in any clip.
+        tau = (timestamps - timestamps.amin(1, keepdim=True)) * float(ref_fps)
+    else:
+        tau = torch.arange(num_frames, device=device, dtype=torch.float32)[None]
+        if timestamps is not None:
+            tau = tau.expand(timestamps.shape[0], -1)
+    tau = tau.float()
+    if temporal_patch > 1:  # a token covering several frames takes their mean time
+        tau = tau.reshape(tau.shape[0], num_frames // temporal_patch, temporal_patch).mean(-1)
+    return tau
+
+
+def token_coords(tau: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Per-token (tau, row, col) for tokens ordered (time, row, col), time outermost: (B, T'*gh*gw, 3).
+
+    This is the token order of the model (frames patchified like DiT's PatchEmbed, which
+    flattens rows then columns).
+    """
+    B, Tp = tau.shape
+    rows = torch.arange(grid_h, device=tau.device, dtype=torch.float32)
+    cols = torch.arange(grid_w, device=tau.device, dtype=torch.float32)
+    t = tau[:, :, None, None].expand(B, Tp, grid_h, grid_w)
+    r = rows[None, None, :, None].expand(B, Tp, grid_h, grid_w)
+    c = cols[None, None, None, :].expand(B, Tp, grid_h, grid_w)
+    return torch.stack([t, r, c], dim=-1).reshape(B, Tp * grid_h * grid_w, 3)
+
+
+def clip_fps(timestamps: Optional[torch.Tensor], default_fps: float, batch: int = 1, device=None) -> torch.Tensor:
+    """Each clip's own mean frame rate (T - 1) / (t_max - t_min): (B,) float.
+
+    A single frame (T = 1) or timestamps=None has no rate; it gets ``default_fps`` (the model
+    uses its ref_fps).  Clips whose timestamps span no time (T > 1, all equal) raise.
+    """
+    if timestamps is None:
+        return torch.full((batch,), float(default_fps), device=device)
+    timestamps = check_timestamps(timestamps)
+    B, T = timestamps.shape
+    if T == 1:
+        return torch.full((B,), float(default_fps), device=timestamps.device)
+    span = timestamps.amax(1) - timestamps.amin(1)
+    if bool((span <= 0).any()):
+        raise EqmError("timestamps of a clip with several frames span no time; cannot derive its fps")
+    return (T - 1) / span.float()
+
+
+# --------------------------------------------------------------------------------------------
+# sincos
+# --------------------------------------------------------------------------------------------
+
+def sincos_time_channels(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> int:
+    """Number d_t of channels carrying tau in the sincos code; checks the layout is possible."""
+    if dim % 4:
+        raise EqmError(f"sincos positions need hidden_size divisible by 4, got {dim}")
+    if not 0.0 <= time_frac <= 0.5:
+        raise EqmError(f"model.time_frac for sincos must be in [0, 0.5], got {time_frac}")
+    d_t = int(round(time_frac * dim))
+    if d_t % 2:
+        raise EqmError(
+            f"time_frac={time_frac} of hidden_size {dim} gives {d_t} time channels; it must be even"
+        )
+    return d_t
+
+
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, *, base: float = BASE) -> torch.Tensor:
+    """DiT/MAE 2D code: [sincos(col, dim/2) | sincos(row, dim/2)] -> (..., dim)."""
+    if dim % 4:
+        raise EqmError(f"sincos positions need hidden_size divisible by 4, got {dim}")
+    return torch.cat([sincos_1d(cols, dim // 2, base=base), sincos_1d(rows, dim // 2, base=base)], dim=-1)
+
+
+def sincos_time(tau: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:
+    """The temporal part of the sincos code, laid out over all dim channels: (..., dim), 0 at tau=0."""
+    d_t = sincos_time_channels(dim, time_frac)
+    out = tau.new_zeros(*tau.shape, dim, dtype=torch.float32)
+    if d_t == 0:
+        return out
+    m = d_t // 2
+    code = sincos_1d(tau, d_t, base=base)
+    out[..., dim // 2 - m: dim // 2] = code[..., :m]            # sin(v tau) on col's flattest cos channels
+    out[..., dim - m:] = code[..., m:] - 1.0                   # cos(v tau) - 1 on row's flattest cos channels
+    return out
+
+
+def sincos_3d(coords: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:
+    """Full sincos code of per-token coordinates (..., 3) = (tau, row, col) -> (..., dim)."""
+    tau, rows, cols = coords.unbind(-1)
+    return sincos_2d(rows, cols, dim, base=base) + sincos_time(tau, dim, time_frac, base=base)
+
+
+def sincos_grid_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The image model's fixed table (grid_h*grid_w, dim), row-major -- DiT's pos_embed[0]."""
+    rows = torch.arange(grid_h, dtype=torch.float32).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float32).repeat(grid_h)
+    return sincos_2d(rows, cols, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+
+def rope_split(head_dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[int, int, int]:
+    """Per-head channel split (d_t, d_row, d_col) for 3D RoPE; every group even and non-empty."""
+    if head_dim % 2:
+        raise EqmError(f"rope needs an even head dimension, got {head_dim}")
+    if not 0.0 < time_frac < 1.0:
+        raise EqmError(f"model.time_frac for rope must be in (0, 1), got {time_frac}")
+    d_t = max(2, 2 * int(round(time_frac * head_dim / 2)))
+    rest = head_dim - d_t
+    d_row = 2 * math.ceil(rest / 4)
+    d_col = rest - d_row
+    if d_col < 2 or d_row < 2:
+        raise EqmError(
+            f"head dimension {head_dim} with time_frac={time_frac} leaves no even split for rows and "
+            f"columns (t={d_t}, row={d_row}, col={d_col})"
+        )
+    assert d_t % 2 == 0 and d_row % 2 == 0 and d_col % 2 == 0 and d_t + d_row + d_col == head_dim
+    return d_t, d_row, d_col
+
+
+def rope_angles(coords: torch.Tensor, head_dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:
+    """Rotation angle of every channel pair: coords (..., 3) -> (..., head_dim / 2), groups [t | row | col]."""
+    split = rope_split(head_dim, time_frac)
+    parts = []
+    for axis, d in enumerate(split):  # three axes, not samples or heads
+        omega = frequencies(d, base=base, device=coords.device, dtype=torch.float32)
+        parts.append(coords[..., axis, None].float() * omega)
+    return torch.cat(parts, dim=-1)
+
+
+def rope_cos_sin(coords: torch.Tensor, head_dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE):
+    """(cos, sin) of the rotary angles, shaped (B, 1, N, head_dim/2) to broadcast over heads."""
+    ang = rope_angles(coords, head_dim, time_frac, base=base)[:, None]
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, hd) by the angles behind cos/sin (B|1, 1, N, hd/2)."""
+    work = torch.promote_types(x.dtype, torch.float32)  # rotate in >= float32 (bf16 is too coarse)
+    xp = x.to(work).unflatten(-1, (-1, 2))
+    cos, sin = cos.to(work), sin.to(work)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Precomputed positions: built once per sampling run, passed to the model as pos=
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Positions:
+    """Everything the model derives from coordinates, computed once (``model.positions``).
+
+    add:   (B|1, N, D) sincos code added to the tokens, or None (rope)
+    rope:  (cos, sin), each (B|1, 1, N, head_dim/2), or None (sincos)
+    fps:   (B|1,) clip frame rates for fps-embed conditioning, or None
+    num_frames: T of the clip these positions were built for; num_tokens: N.
+    """
+
+    add: Optional[torch.Tensor]
+    rope: Optional[tuple[torch.Tensor, torch.Tensor]]
+    fps: Optional[torch.Tensor]
+    num_frames: int
+    num_tokens: int
+
+    @property
+    def batch(self) -> int:
+        for t in (self.add, None if self.rope is None else self.rope[0], self.fps):
+            if t is not None:
+                return t.shape[0]
+        return 1
+
+    def select(self, index: torch.Tensor) -> "Positions":
+        """Rows ``index`` of every per-sample tensor (broadcast rows of size 1 are kept)."""
+
+        def pick(t):
+            return t if t is None or t.shape[0] == 1 else t.index_select(0, index)
+
+        rope = None if self.rope is None else (pick(self.rope[0]), pick(self.rope[1]))
+        return replace(self, add=pick(self.add), rope=rope, fps=pick(self.fps))
+
+    @staticmethod
+    def cat(items: Sequence["Positions"]) -> "Positions":
+        """Concatenate along the batch (e.g. the cond and uncond halves of a CFG batch)."""
+        first = items[0]
+        n = [p.batch for p in items]
+
+        def join(ts):
+            if ts[0] is None:
+                return None
+            return torch.cat([t.expand(k, *t.shape[1:]) for t, k in zip(ts, n)], dim=0)
+
+        rope = None
+        if first.rope is not None:
+            rope = (join([p.rope[0] for p in items]), join([p.rope[1] for p in items]))
+        return replace(first, add=join([p.add for p in items]), rope=rope, fps=join([p.fps for p in items]))
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement used to choose ref_fps (also used by `eqmctl inspect-embed`)
+# --------------------------------------------------------------------------------------------
+
+def adjacent_frame_similarity(fps: float, ref_fps: float, time_dim: int, *, base: float = BASE) -> float:
+    """Cosine similarity of the temporal sin/cos codes of two adjacent frames at ``fps``.
+
+    For [sin(v tau), cos(v tau)] the similarity depends only on the step d = ref_fps / fps:
+    mean_j cos(v_j d).  1 means indistinguishable.
+    """
+    d = torch.tensor([0.0, float(ref_fps) / float(fps)], dtype=torch.float64)
+    omega = frequencies(time_dim, base=base, dtype=torch.float64)
+    arg = d[:, None] * omega
+    e = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+    return float(torch.nn.functional.cosine_similarity(e[0], e[1], dim=0))

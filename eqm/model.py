@@ -1,0 +1,518 @@
+"""The EqM transformer: a DiT/SiT-style model for clips with real timestamps.  SPEC section 4.
+
+Read top to bottom: embedders, attention with optional 3D RoPE, the adaLN-Zero block, the final
+layer, the model, and the size registry.
+
+Compatibility with the official EqM/SiT image checkpoints.  For 4D input (B, C, H, W) the model
+is the official image model: the parameter names and shapes below are exactly theirs, so an
+official state dict loads with ``strict=True`` into ``EqMTransformer(pos="sincos",
+temporal_patch=1, learn_sigma=True, in_channels=4, ...)``::
+
+    pos_embed                              (1, N, D)   fixed 2D sin/cos, an nn.Parameter without grad
+    x_embedder.proj.weight / .bias         (D, C, p, p) / (D,)
+    t_embedder.mlp.{0,2}.weight / .bias    (D, 256), (D, D) / (D,)
+    y_embedder.embedding_table.weight      (num_classes + 1, D)   (+1 = null class when dropout > 0)
+    blocks.i.attn.qkv.weight / .bias       (3D, D) / (3D,)
+    blocks.i.attn.proj.weight / .bias      (D, D) / (D,)
+    blocks.i.mlp.fc1.weight / .bias        (4D, D) / (4D,)
+    blocks.i.mlp.fc2.weight / .bias        (D, 4D) / (D,)
+    blocks.i.adaLN_modulation.1.weight/.bias  (6D, D) / (6D,)
+    final_layer.linear.weight / .bias      (p*p*2C, D) / (p*p*2C,)   (learn_sigma doubles; 2nd half dropped)
+    final_layer.adaLN_modulation.1.weight/.bias  (2D, D) / (2D,)
+    (norms are LayerNorm without affine parameters: no keys)
+
+Video mode (5D input (B, C, T, H, W)) uses the same modules.  With ``temporal_patch=1`` the patch
+embedding stays the image Conv2d, applied to every frame (so image weights are reused as they
+are, and a single frame with tau = 0 gives bit-for-bit the image model's output).  With
+``temporal_patch > 1`` ``x_embedder.proj`` is a Conv3d of shape (D, C, p_t, p, p) under the same
+key -- a different shape, so an image checkpoint fails loudly instead of loading half-way.  New
+parameters get new names: ``fps_embedder.mlp.*`` (fps-embed mode only).  RoPE models have no
+``pos_embed``; official image checkpoints (sin/cos) load only into ``pos="sincos"`` models.
+
+The model is not told gamma: the timestep embedder is kept (for the checkpoints) and always fed
+0, as in the official EqM code.  Explicit-energy variants (``energy="dot"`` E = sum x * h(x),
+``energy="l2"`` E = -1/2 |h(x)|^2) return f = grad_x E, with create_graph when gradients are
+enabled (training) and with gradients switched on internally when the caller runs under
+torch.no_grad (sampling).  PyTorch's fused SDPA kernels (flash / memory-efficient on CUDA, the
+flash kernel on CPU) have no double backward, so whenever an energy model must be differentiated
+twice the attention runs on the math backend (``sdpa_kernel(SDPBackend.MATH)``), on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import embed as E
+from .errors import EqmError
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                 Embedding layers for timesteps, labels and frame rates        #
+#################################################################################
+
+def sinusoidal_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """GLIDE/DiT scalar features [cos(w t) | sin(w t)], w_i = max_period^(-i/half): (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """DiT's timestep embedder.  EqM keeps it for checkpoint compatibility and always feeds it 0."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t):
+        return self.mlp(sinusoidal_features(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors; drops labels to the null id (= num_classes) for classifier-free guidance."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        # The official rule (num_classes + 1 rows when dropout > 0), plus a null row for
+        # unconditional models (num_classes = 0), which otherwise would have no row at all.
+        use_cfg_embedding = int(dropout_prob > 0 or num_classes == 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class FpsEmbedder(nn.Module):
+    """fps-embed mode: a clip's frame rate -> a vector added to the conditioning c.
+
+    Features are sinusoids of 100 * ln(fps): a 1 % rate change moves the fastest feature by
+    1 rad, and the slowest ones still vary across 1..1000 fps.  Then the DiT embedder MLP.
+    """
+
+    LOG_SCALE = 100.0
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, fps):
+        feats = sinusoidal_features(self.LOG_SCALE * torch.log(fps.float()), self.frequency_embedding_size)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+#################################################################################
+#                       Patch embedding, attention, MLP                         #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """(B, C, T, H, W) -> tokens (B, T/p_t * H/p * W/p, D), ordered (time, row, col).
+
+    p_t = 1: the image Conv2d on every frame (timm PatchEmbed weights); p_t > 1: a Conv3d.
+    """
+
+    def __init__(self, in_channels, hidden_size, patch_size, temporal_patch):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)  # like timm, for code that reads it
+        self.temporal_patch = temporal_patch
+        if temporal_patch == 1:
+            self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
+        else:
+            k = (temporal_patch, patch_size, patch_size)
+            self.proj = nn.Conv3d(in_channels, hidden_size, k, stride=k, bias=True)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        if self.temporal_patch == 1:
+            x = self.proj(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B*T, D, h, w)
+            return x.flatten(2).transpose(1, 2).reshape(B, -1, x.shape[1])
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """timm-compatible multi-head self-attention (qkv, proj) on SDPA, with optional 3D RoPE."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None, math_sdpa=False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        if rope is not None:
+            q, k = E.apply_rope(q, *rope), E.apply_rope(k, *rope)
+        if math_sdpa:  # double backward (energy training) needs the math kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """timm Mlp (fc1, GELU-tanh, fc2)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+#################################################################################
+#                                 Core EqM model                                #
+#################################################################################
+
+class EqMBlock(nn.Module):
+    """A DiT/SiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c, rope=None, math_sdpa=False):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, math_sdpa)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN, then a linear map to one patch of output per token."""
+
+    def __init__(self, hidden_size, patch_volume, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+ENERGY_KINDS = (None, "dot", "l2")
+
+
+class EqMTransformer(nn.Module):
+    """Equilibrium Matching transformer over clips (B, C, T, H, W) with per-frame timestamps.
+
+    forward(x, timestamps, y) returns f(x), the learned equilibrium gradient (same shape as x),
+    which points from noise towards data; samplers ascend it.  See the module docstring for
+    checkpoint compatibility and eqm.embed for the positional encodings.
+    """
+
+    def __init__(
+        self,
+        input_size=32,
+        in_channels=3,
+        num_frames=16,
+        patch_size=2,
+        temporal_patch=1,
+        hidden_size=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=False,
+        pos="sincos",
+        time_mode="seconds",
+        ref_fps=E.DEFAULT_REF_FPS,
+        time_frac=E.DEFAULT_TIME_FRAC,
+        energy=None,
+    ):
+        super().__init__()
+        H, W = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if H % patch_size or W % patch_size:
+            raise EqmError(f"model.input_size {H}x{W} is not divisible by patch_size {patch_size}")
+        if num_frames < 1 or num_frames % temporal_patch:
+            raise EqmError(f"model.num_frames={num_frames} is not a positive multiple of temporal_patch={temporal_patch}")
+        if hidden_size % num_heads:
+            raise EqmError(f"model.hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+        if pos not in E.POS_KINDS:
+            raise EqmError(f"model.pos must be one of {', '.join(E.POS_KINDS)}, got {pos!r}")
+        if time_mode not in E.TIME_MODES:
+            raise EqmError(f"model.time.mode must be one of {', '.join(E.TIME_MODES)}, got {time_mode!r}")
+        if energy not in ENERGY_KINDS:
+            raise EqmError(f"objective.energy must be none, dot or l2, got {energy!r}")
+        if not (isinstance(ref_fps, (int, float)) and math.isfinite(ref_fps) and ref_fps > 0):
+            raise EqmError(f"model.time.ref_fps must be a positive number, got {ref_fps!r}")
+        # Check the channel split now (raises with the numbers), not at the first forward.
+        if pos == "sincos":
+            E.sincos_time_channels(hidden_size, time_frac)
+        else:
+            E.rope_split(hidden_size // num_heads, time_frac)
+
+        self.input_size = (H, W)
+        self.in_channels = in_channels
+        self.num_frames = num_frames
+        self.patch_size = patch_size
+        self.temporal_patch = temporal_patch
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.class_dropout_prob = class_dropout_prob
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.pos = pos
+        self.time_mode = time_mode
+        self.ref_fps = float(ref_fps)
+        self.time_frac = float(time_frac)
+        self.energy = energy
+        self.grid = (H // patch_size, W // patch_size)
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, temporal_patch)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if time_mode == "fps-embed":
+            self.fps_embedder = FpsEmbedder(hidden_size)
+        if pos == "sincos":
+            # Fixed 2D sin/cos, stored like DiT (a Parameter without grad: official key "pos_embed").
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([EqMBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, temporal_patch * patch_size * patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        if self.pos == "sincos":
+            self.pos_embed.data.copy_(E.sincos_grid_2d(self.hidden_size, *self.grid)[None])
+        # Patch embedding initialised like nn.Linear (instead of a conv):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.time_mode == "fps-embed":
+            nn.init.normal_(self.fps_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.fps_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    # ------------------------------------------------------------------ positions
+
+    def positions(self, timestamps: Optional[torch.Tensor] = None, num_frames: Optional[int] = None) -> E.Positions:
+        """Everything derived from the frames' coordinates; compute once per sampling run, pass as pos=.
+
+        timestamps: (B, T) or (T,) seconds, or None (frame-index positions; images: T = 1).
+        """
+        if timestamps is not None:
+            timestamps = E.check_timestamps(timestamps, num_frames)
+            num_frames = timestamps.shape[1]
+            device = timestamps.device
+        else:
+            num_frames = self.num_frames if num_frames is None else num_frames
+            device = self.t_embedder.mlp[0].weight.device
+        tau = E.temporal_coords(
+            timestamps, num_frames, time_mode=self.time_mode, ref_fps=self.ref_fps,
+            temporal_patch=self.temporal_patch, device=device,
+        )
+        coords = E.token_coords(tau, *self.grid)  # (B|1, N, 3)
+        add = rope = fps = None
+        if self.pos == "sincos":
+            spatial = self.pos_embed.float().repeat(1, tau.shape[1], 1)  # the (loadable) image table, per frame
+            add = spatial + E.sincos_time(coords[..., 0], self.hidden_size, self.time_frac)
+        else:
+            rope = E.rope_cos_sin(coords, self.hidden_size // self.num_heads, self.time_frac)
+        if self.time_mode == "fps-embed":
+            fps = E.clip_fps(timestamps, self.ref_fps, device=device)
+        return E.Positions(add=add, rope=rope, fps=fps, num_frames=num_frames, num_tokens=coords.shape[1])
+
+    # ------------------------------------------------------------------ forward
+
+    def unpatchify(self, x, T):
+        """(B, N, p_t*p*p*C_out) -> (B, C_out, T, H, W); per frame this is DiT's 'nhwpqc->nchpwq'."""
+        B = x.shape[0]
+        pt, p, c = self.temporal_patch, self.patch_size, self.out_channels
+        h, w = self.grid
+        x = x.reshape(B, T // pt, h, w, pt, p, p, c)
+        x = torch.einsum("nthwupqc->nctuhpwq", x)
+        return x.reshape(B, c, T, h * p, w * p)
+
+    def _check_input(self, x):
+        if x.ndim == 4:
+            if self.temporal_patch != 1:
+                raise EqmError(f"a model with temporal_patch={self.temporal_patch} needs clips (B, C, T, H, W), got an image batch")
+            x = x.unsqueeze(2)
+        if x.ndim != 5:
+            raise EqmError(f"model input must be (B, C, T, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
+        B, C, T, H, W = x.shape
+        if C != self.in_channels or (H, W) != self.input_size:
+            raise EqmError(
+                f"model expects {self.in_channels} channels at {self.input_size[0]}x{self.input_size[1]}, "
+                f"got {C} channels at {H}x{W}"
+            )
+        if T % self.temporal_patch:
+            raise EqmError(f"{T} frames cannot be cut into temporal patches of {self.temporal_patch}")
+        return x
+
+    def network(self, x, y=None, pos: Optional[E.Positions] = None, math_sdpa=False):
+        """The transformer h(x) on a clip (B, C, T, H, W); forward() = h, or grad of an energy of h."""
+        B, _, T = x.shape[:3]
+        if pos is None:
+            pos = self.positions(None, T)
+        tokens = self.x_embedder(x)
+        if tokens.shape[1] != pos.num_tokens or pos.batch not in (1, B):
+            raise EqmError(
+                f"positions were built for {pos.num_tokens} tokens x batch {pos.batch}, "
+                f"the input has {tokens.shape[1]} tokens x batch {B}"
+            )
+        if pos.add is not None:
+            tokens = tokens + pos.add.to(tokens.dtype)
+        if y is None:
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        t = self.t_embedder(torch.zeros(B, device=x.device))  # EqM: the model is never told gamma
+        c = t + self.y_embedder(y, self.training)
+        if pos.fps is not None:
+            c = c + self.fps_embedder(pos.fps.expand(B))
+        for block in self.blocks:
+            tokens = block(tokens, c, pos.rope, math_sdpa)
+        out = self.unpatchify(self.final_layer(tokens, c), T)
+        if self.learn_sigma:
+            out = out[:, : self.in_channels]
+        return out
+
+    def _energy(self, x, h):
+        if self.energy == "dot":
+            return (x * h).flatten(1).sum(1)
+        return -0.5 * h.pow(2).flatten(1).sum(1)
+
+    def forward(self, x, timestamps=None, y=None, *, pos: Optional[E.Positions] = None, create_graph: Optional[bool] = None):
+        """f(x): x (B, C, T, H, W) or image (B, C, H, W); timestamps (B, T) seconds or None;
+        y (B,) long or None (null class).  pos: precomputed ``self.positions(timestamps, T)``.
+
+        Energy models: create_graph defaults to torch.is_grad_enabled() (True in training, so the
+        loss reaches the weights; False under no_grad sampling).
+        """
+        image = x.ndim == 4
+        x5 = self._check_input(x)
+        if pos is None:
+            pos = self.positions(timestamps, x5.shape[2])
+        if self.energy is None:
+            out = self.network(x5, y, pos)
+        else:
+            create = torch.is_grad_enabled() if create_graph is None else create_graph
+            with torch.enable_grad():
+                xin = x5 if x5.requires_grad else x5.detach().requires_grad_(True)
+                energy = self._energy(xin, self.network(xin, y, pos, math_sdpa=create))
+                (out,) = torch.autograd.grad(energy.sum(), xin, create_graph=create)
+        return out.squeeze(2) if image else out
+
+    def energy_value(self, x, timestamps=None, y=None, *, pos: Optional[E.Positions] = None):
+        """The scalar E(x) per sample (B,) of an energy model, with f = +grad_x E.
+
+        Sampling ascends E; the usual EBM energy (low = likely) is -E, which is what the official
+        code's get_energy returns.
+        """
+        if self.energy is None:
+            raise EqmError("this model has no explicit energy (objective.energy is none)")
+        x5 = self._check_input(x)
+        if pos is None:
+            pos = self.positions(timestamps, x5.shape[2])
+        return self._energy(x5, self.network(x5, y, pos))
+
+    # ------------------------------------------------------------------ config
+
+    def arch_config(self) -> dict:
+        """JSON-able constructor kwargs: EqMTransformer(**model.arch_config()) rebuilds the model."""
+        return dict(
+            input_size=list(self.input_size),
+            in_channels=self.in_channels,
+            num_frames=self.num_frames,
+            patch_size=self.patch_size,
+            temporal_patch=self.temporal_patch,
+            hidden_size=self.hidden_size,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            class_dropout_prob=self.class_dropout_prob,
+            num_classes=self.num_classes,
+            learn_sigma=self.learn_sigma,
+            pos=self.pos,
+            time_mode=self.time_mode,
+            ref_fps=self.ref_fps,
+            time_frac=self.time_frac,
+            energy=self.energy,
+        )
+
+    @classmethod
+    def from_config(cls, config: dict) -> "EqMTransformer":
+        return cls(**config)
+
+
+#################################################################################
+#                                   EqM sizes                                   #
+#################################################################################
+
+EQM_SIZES = {
+    # CPU sizes (tests, the tiny synthetic recipe)
+    "tiny": dict(hidden_size=64, depth=4, num_heads=4),
+    "mini": dict(hidden_size=128, depth=6, num_heads=4),
+    # the EqM / SiT / DiT family
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+def create_model(size: str, **overrides) -> EqMTransformer:
+    """EqMTransformer of a registered size ("tiny", "mini", "S", "B", "L", "XL"); kwargs override."""
+    if size not in EQM_SIZES:
+        raise EqmError(f"model.size must be one of {', '.join(EQM_SIZES)}, got {size!r}")
+    return EqMTransformer(**{**EQM_SIZES[size], **overrides})
