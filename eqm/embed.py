@@ -240,10 +240,21 @@ def sincos_time(tau: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRA
     if d_t == 0:
         return out
     m = d_t // 2
+    sin_at, cos_at = sincos_time_slices(dim, time_frac)
     code = sincos_1d(tau, d_t, base=base)
-    out[..., dim // 2 - m: dim // 2] = code[..., :m]            # sin(v tau) on col's flattest cos channels
-    out[..., dim - m:] = code[..., m:] - 1.0                   # cos(v tau) - 1 on row's flattest cos channels
+    out[..., sin_at] = code[..., :m]            # sin(v tau) on col's flattest cos channels
+    out[..., cos_at] = code[..., m:] - 1.0      # cos(v tau) - 1 on row's flattest cos channels
     return out
+
+
+def sincos_time_slices(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[slice, slice]:
+    """Channels of the dim-wide code that :func:`sincos_time` writes: (sin(v tau) part, cos(v tau) - 1 part).
+
+    One definition of the layout, shared by sincos_time and by tools that read the temporal code
+    back out of it (``eqmctl inspect-embed``).  Empty slices when d_t = 0.
+    """
+    m = sincos_time_channels(dim, time_frac) // 2
+    return slice(dim // 2 - m, dim // 2), slice(dim - m, dim)
 
 
 def sincos_3d(coords: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:

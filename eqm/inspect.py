@@ -1,0 +1,610 @@
+"""Look inside the time-aware positional encoding: numbers and plots (``eqmctl inspect-embed``).
+
+SPEC section 3 makes a claim about the temporal code -- with tau = t * ref_fps, frames are placed
+by their time in seconds, neighbouring frames stay separable at every rate we sample, and the
+code is the frame-index code at ref_fps -- and this module measures it for a concrete
+configuration (from a checkpoint's ``arch``, a recipe, or plain options):
+
+* **heatmap**: the temporal code of a clip (channels x frames) at several frame rates, drawn
+  against time in seconds, so a seconds-mode code lines up across rates and an index-mode code
+  is stretched;
+* **similarity**: cosine similarity between every frame of a clip at rate a and every frame of a
+  clip at rate b; seconds mode peaks where t_a ~= t_b, index mode on the diagonal k_a = k_b;
+* **separability**: cosine similarity of adjacent frames against the frame rate for the chosen
+  ``ref_fps``, for raw seconds (ref_fps = 1) and for index positions;
+* **frequencies**: each temporal frequency in Hz (for RoPE: the rotation per second of each
+  channel pair) against each rate's Nyquist limit fps / 2.
+
+Nothing here re-implements the encoding: codes come from :mod:`eqm.embed` through the same calls
+the model makes (``temporal_coords`` -> ``sincos_time`` / ``rope_cos_sin``), in float32 like the
+model, so the plots show what a model with this configuration computes.  What is compared:
+
+* sincos: the d_t channels ``sincos_time`` writes, read back with ``sincos_time_slices``.  The
+  model adds ``sin(v tau) | cos(v tau) - 1`` (the ``- 1`` makes a single frame encode exactly like
+  the image model); the heatmap shows those added values, the similarities use the plain
+  ``sin | cos`` code (the ``- 1`` undone), whose cosine similarity is ``mean_j cos(v_j dtau)`` --
+  the measure :func:`eqm.embed.adjacent_frame_similarity` uses to choose ref_fps (the all-zero
+  code of tau = 0 would have no cosine at all).
+* rope: ``cos | sin`` of the time group's rotation angles (row = col = 0, so only time rotates).
+  Their cosine similarity is again ``mean_j cos(w_j dtau)``: the factor by which the rotation
+  between two frames scales the attention score of identical content.
+
+fps-embed mode uses index positions; the rate reaches that model through a learned embedding of
+the clip's fps, which no plot of the positional code can show (the report says so).
+
+Matplotlib is used through ``matplotlib.figure.Figure`` and the Agg canvas directly, never pyplot:
+no display is needed, the process-wide backend stays whatever the caller chose (a notebook that
+imports :mod:`eqm` keeps its inline backend), and figures are not kept alive by pyplot's registry.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import embed as E
+from .errors import EqmError
+from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
+
+PathLike = Union[str, Path]
+
+#: Hidden width and heads used when nothing else is given: EqM-S (SPEC section 4), whose sincos
+#: code has d_t = 96 time channels, the width the ref_fps measurement in eqm.embed is quoted at.
+DEFAULT_HIDDEN_SIZE = 384
+DEFAULT_NUM_HEADS = 6
+#: A heatmap row per rate: more rows are unreadable.
+MAX_RATES = 12
+#: Clip length cap: the similarity matrix is frames_a x frames_b and a typo (--seconds 600) should
+#: be an error, not a 36000 x 14400 matrix.
+MAX_SECONDS = 60.0
+PLOT_FILES = ("heatmap.png", "similarity.png", "separability.png", "frequencies.png")
+
+
+# ============================================================================================
+# Configuration
+# ============================================================================================
+
+
+@dataclass
+class EmbedConfig:
+    """The settings of a model that shape its temporal code (the EqMTransformer kwargs of the same names)."""
+
+    pos: str = "sincos"
+    time_mode: str = "seconds"
+    ref_fps: float = E.DEFAULT_REF_FPS
+    time_frac: float = E.DEFAULT_TIME_FRAC
+    hidden_size: int = DEFAULT_HIDDEN_SIZE
+    num_heads: int = DEFAULT_NUM_HEADS
+    temporal_patch: int = 1
+    #: where the settings came from (shown in the report), e.g. "checkpoint runs/x/checkpoints/step_0000600"
+    source: str = "options"
+    #: (fps_min, fps_max) the model was trained on, when known: shaded in the separability plot
+    train_fps: Optional[tuple[float, float]] = None
+
+    def validate(self) -> "EmbedConfig":
+        """Check the combination the way EqMTransformer does (raises EqmError naming the option)."""
+        if self.pos not in E.POS_KINDS:
+            raise EqmError(f"pos must be one of {', '.join(E.POS_KINDS)}, got {self.pos!r}")
+        if self.time_mode not in E.TIME_MODES:
+            raise EqmError(f"time mode must be one of {', '.join(E.TIME_MODES)}, got {self.time_mode!r}")
+        if not (isinstance(self.ref_fps, (int, float)) and math.isfinite(self.ref_fps) and self.ref_fps > 0):
+            raise EqmError(f"ref_fps must be a positive number, got {self.ref_fps!r}")
+        if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+            raise EqmError(f"hidden size must be a positive integer, got {self.hidden_size!r}")
+        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise EqmError(f"hidden size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not isinstance(self.temporal_patch, int) or self.temporal_patch < 1:
+            raise EqmError(f"temporal_patch must be a positive integer, got {self.temporal_patch!r}")
+        self.time_channels  # raises with the numbers when the channel split is impossible
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def time_channels(self) -> int:
+        """d_t: sincos channels carrying tau (of hidden_size), or the RoPE time group of one head."""
+        if self.pos == "sincos":
+            return E.sincos_time_channels(self.hidden_size, self.time_frac)
+        return E.rope_split(self.head_dim, self.time_frac)[0]
+
+    def omegas(self) -> np.ndarray:
+        """The d_t / 2 angular frequencies (rad per unit of tau) of the temporal code, fastest first."""
+        if self.time_channels == 0:
+            return np.zeros(0)
+        return E.frequencies(self.time_channels, dtype=torch.float64).numpy()
+
+    def with_time(self, time_mode: str, ref_fps: Optional[float] = None) -> "EmbedConfig":
+        return replace(self, time_mode=time_mode, ref_fps=self.ref_fps if ref_fps is None else float(ref_fps))
+
+    def describe(self) -> str:
+        """One line: 'sincos, seconds mode, ref_fps 24, 96 time channels of 384'."""
+        mode = f"seconds mode, ref_fps {self.ref_fps:g}" if self.time_mode == "seconds" else f"{self.time_mode} mode"
+        if self.pos == "sincos":
+            width = f"{self.time_channels} time channels of {self.hidden_size}"
+        else:
+            width = f"{self.time_channels} time channels of each {self.head_dim}-dim head"
+        patch = f", temporal patch {self.temporal_patch}" if self.temporal_patch > 1 else ""
+        return f"{self.pos}, {mode}, {width}{patch}"
+
+
+def config_from_arch(arch: dict, source: str = "arch") -> EmbedConfig:
+    """EmbedConfig from EqMTransformer kwargs (``model.arch_config()`` / state.json ``arch``).
+
+    Missing keys take the model's defaults, as EqMTransformer(**arch) would.
+    """
+    if not isinstance(arch, dict):
+        raise EqmError(f"{source}: 'arch' must be a mapping of model options")
+    ref = arch.get("ref_fps", E.DEFAULT_REF_FPS)
+    frac = arch.get("time_frac", E.DEFAULT_TIME_FRAC)
+    cfg = EmbedConfig(
+        pos=arch.get("pos", "sincos"),
+        time_mode=arch.get("time_mode", "seconds"),
+        ref_fps=float(ref) if isinstance(ref, (int, float)) else ref,
+        time_frac=float(frac) if isinstance(frac, (int, float)) else frac,
+        hidden_size=arch.get("hidden_size", DEFAULT_HIDDEN_SIZE),
+        num_heads=arch.get("num_heads", DEFAULT_NUM_HEADS),
+        temporal_patch=arch.get("temporal_patch", 1),
+        source=source,
+    )
+    try:
+        return cfg.validate()
+    except EqmError as e:
+        raise EqmError(f"{source}: {e}") from None
+
+
+def _fps_range(data: object) -> Optional[tuple[float, float]]:
+    try:
+        lo, hi = float(data["fps_min"]), float(data["fps_max"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return (lo, hi) if 0 < lo <= hi else None
+
+
+def config_from_checkpoint(path: PathLike) -> EmbedConfig:
+    """From a checkpoint or run directory: reads state.json only (the code needs no weights)."""
+    from .checkpoint import STATE_FILE, load_state, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    state = load_state(ckpt)
+    cfg = config_from_arch(state["arch"], source=str(ckpt / STATE_FILE))
+    recipe = state.get("recipe")
+    train_fps = _fps_range(recipe.get("data")) if isinstance(recipe, dict) else None
+    return replace(cfg, source=f"checkpoint {ckpt}", train_fps=train_fps)
+
+
+def config_from_recipe(path: PathLike, overrides: Sequence[str] = ()) -> EmbedConfig:
+    """From a recipe YAML plus ``key=value`` overrides, resolved exactly as training builds the model."""
+    from .model import EQM_SIZES
+    from .recipe import load_recipe
+    from .train import model_kwargs
+
+    recipe = load_recipe(path, list(overrides))
+    # num_classes does not touch the positional code; the size registry fills what the recipe leaves null
+    kwargs = {**EQM_SIZES[recipe.model.size], **model_kwargs(recipe, num_classes=1)}
+    cfg = config_from_arch(kwargs, source=f"recipe {path}")
+    return replace(cfg, train_fps=(recipe.data.fps_min, recipe.data.fps_max))
+
+
+# ============================================================================================
+# The temporal code, as the model computes it
+# ============================================================================================
+
+
+def temporal_code(cfg: EmbedConfig, timestamps: torch.Tensor, *, as_added: bool = False) -> torch.Tensor:
+    """The temporal code of every temporal token: timestamps (B, T) or (T,) seconds -> (B, T / p_t, d_t).
+
+    Layout [sin-like half | cos-like half], one column per frequency in each half, fastest first.
+    sincos: ``sin(v tau) | cos(v tau)``, or with ``as_added`` exactly what the model adds to the
+    tokens, ``sin(v tau) | cos(v tau) - 1``.  rope: ``cos(w tau) | sin(w tau)`` of the time
+    group's rotation angles (what q and k are rotated by).
+    """
+    ts = E.check_timestamps(timestamps)
+    tau = E.temporal_coords(
+        ts, ts.shape[1], time_mode=cfg.time_mode, ref_fps=cfg.ref_fps, temporal_patch=cfg.temporal_patch,
+    )
+    if cfg.pos == "sincos":
+        full = E.sincos_time(tau, cfg.hidden_size, cfg.time_frac)  # (B, T', D), zero outside the time channels
+        sin_at, cos_at = E.sincos_time_slices(cfg.hidden_size, cfg.time_frac)
+        cos_part = full[..., cos_at] if as_added else full[..., cos_at] + 1.0  # undo the image-compat "- 1"
+        return torch.cat([full[..., sin_at], cos_part], dim=-1)
+    coords = E.token_coords(tau, 1, 1)  # (tau, row 0, col 0): the row and column groups stay unrotated
+    cos, sin = E.rope_cos_sin(coords, cfg.head_dim, cfg.time_frac)  # (B, 1, T', head_dim / 2), groups [t | row | col]
+    n = cfg.time_channels // 2
+    return torch.cat([cos[:, 0, :, :n], sin[:, 0, :, :n]], dim=-1)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Cosine similarity of every row of a (Ta, C) with every row of b (Tb, C), in float64.
+
+    A code with no channels (sincos with time_frac 0) cannot tell frames apart: similarity 1.
+    """
+    a, b = a.double(), b.double()
+    if a.shape[-1] == 0:
+        return np.ones((a.shape[0], b.shape[0]))
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return (a @ b.T).numpy()
+
+
+def token_times(timestamps: torch.Tensor, temporal_patch: int) -> np.ndarray:
+    """Seconds of each temporal token: the mean time of its frames (like its tau, SPEC section 3)."""
+    t = timestamps.double().reshape(-1, temporal_patch).mean(-1)
+    return t.numpy()
+
+
+def clip_timestamps(fps: Fraction, seconds: float, temporal_patch: int = 1) -> torch.Tensor:
+    """k / fps for a clip of ``seconds`` (frame count rounded up to whole temporal patches), float32 like the model."""
+    n = frames_for_duration(seconds, fps)
+    n = -(-n // temporal_patch) * temporal_patch
+    return uniform_timestamps(n, fps, dtype=torch.float32)
+
+
+def adjacent_similarity(cfg: EmbedConfig, fps: Union[float, Fraction, Sequence[float]]) -> np.ndarray:
+    """Cosine similarity of the codes of two neighbouring temporal tokens at each rate (1 = indistinguishable).
+
+    Batched over rates: one clip of 2 tokens per rate, each with its own timestamps (the code is
+    per sample, so a batch of rates is what the model would see in a mixed-rate batch).
+    """
+    rates = np.atleast_1d(np.asarray([float(f) for f in np.atleast_1d(fps)], dtype=np.float64))
+    p = cfg.temporal_patch
+    k = torch.arange(2 * p, dtype=torch.float64)
+    ts = (k[None, :] / torch.from_numpy(rates)[:, None]).float()  # (R, 2 p_t) seconds
+    code = temporal_code(cfg, ts).double()  # (R, 2, d_t)
+    if code.shape[-1] == 0:
+        return np.ones(len(rates))
+    return torch.nn.functional.cosine_similarity(code[:, 0], code[:, 1], dim=-1).numpy()
+
+
+def frequency_hz(cfg: EmbedConfig, fps: Union[float, Fraction]) -> np.ndarray:
+    """Each temporal frequency in Hz (cycles per second of video) for a clip at ``fps``.
+
+    seconds: the angle advances by w * ref_fps per second -> Hz = ref_fps * w / (2 pi), the same
+    at every rate.  index / fps-embed: tau advances by one per frame, fps per second -> Hz =
+    fps * w / (2 pi): always the same fraction of Nyquist, whatever the rate.
+    """
+    per_second = cfg.ref_fps if cfg.time_mode == "seconds" else float(fps)
+    return per_second * cfg.omegas() / (2 * math.pi)
+
+
+def nyquist_hz(cfg: EmbedConfig, fps: Union[float, Fraction]) -> float:
+    """Half the rate at which temporal tokens sample time (frames / temporal_patch per second)."""
+    return float(fps) / cfg.temporal_patch / 2.0
+
+
+# ============================================================================================
+# The report
+# ============================================================================================
+
+
+@dataclass
+class RateRow:
+    """Numbers for one frame rate (one row of the table)."""
+
+    fps: Fraction
+    frames: int
+    tokens: int
+    adjacent: float            # adjacent-token cosine similarity, the chosen configuration
+    adjacent_raw_seconds: float  # same code with tau = t in seconds (ref_fps = 1)
+    adjacent_index: float      # same code with tau = frame index (time-blind)
+    max_hz: Optional[float]    # fastest temporal frequency in Hz (None: no temporal channels)
+    nyquist_hz: float
+    aliased: int               # frequencies above Nyquist at this rate
+    num_frequencies: int
+
+
+@dataclass
+class Similarity:
+    """Frame-by-frame similarity of two clips of the same duration at rates a and b."""
+
+    fps_a: Fraction
+    fps_b: Fraction
+    time_mode: str
+    times_a: np.ndarray
+    times_b: np.ndarray
+    matrix: np.ndarray         # (tokens_a, tokens_b)
+
+    @property
+    def argmax(self) -> np.ndarray:
+        """For each token of clip a, the token of clip b most similar to it."""
+        return self.matrix.argmax(axis=1)
+
+    def aligned_by_seconds(self) -> np.ndarray:
+        """Per row: the most similar b token is one nearest in time (ties, e.g. k*60/24 = x.5, both count)."""
+        dist = np.abs(self.times_b[None, :] - self.times_a[:, None])
+        best = dist[np.arange(len(self.times_a)), self.argmax]
+        return best <= dist.min(axis=1) + 1e-7
+
+    def aligned_by_index(self) -> np.ndarray:
+        """Per row k (k < tokens_b): the most similar b token is token k."""
+        k = np.arange(min(len(self.times_a), len(self.times_b)))
+        return self.argmax[k] == k
+
+
+@dataclass
+class EmbedReport:
+    config: EmbedConfig
+    seconds: float
+    rows: list[RateRow]
+    codes: dict[str, tuple[np.ndarray, np.ndarray]]  # format_fps(rate) -> (token times (T',), code as added (T', d_t))
+    similarity: Similarity     # the chosen configuration
+    contrast: Similarity       # the other way of placing frames (index vs seconds), for comparison
+    sweep_fps: np.ndarray
+    sweep: dict[str, np.ndarray]  # curve label -> adjacent similarity at sweep_fps
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def omegas(self) -> np.ndarray:
+        return self.config.omegas()
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (what ``--json`` prints)."""
+        cfg = self.config
+        conf = {k: v for k, v in asdict(cfg).items()}
+        conf["time_channels"] = cfg.time_channels
+        conf["train_fps"] = list(cfg.train_fps) if cfg.train_fps else None
+        sim = self.similarity
+        omegas = self.omegas
+        freq = {
+            "omega": [float(w) for w in omegas],
+            # per second: rate-independent in seconds mode; per rate in the other modes
+            "rad_per_second": {format_fps(r.fps): [float(v) for v in 2 * math.pi * frequency_hz(cfg, r.fps)] for r in self.rows},
+            "hz": {format_fps(r.fps): [float(v) for v in frequency_hz(cfg, r.fps)] for r in self.rows},
+        }
+        return {
+            "config": conf,
+            "description": cfg.describe(),
+            "seconds": self.seconds,
+            "rates": [
+                {
+                    "fps": format_fps(r.fps), "fps_float": float(r.fps), "frames": r.frames, "tokens": r.tokens,
+                    "adjacent_similarity": r.adjacent, "adjacent_similarity_raw_seconds": r.adjacent_raw_seconds,
+                    "adjacent_similarity_index": r.adjacent_index, "max_hz": r.max_hz, "nyquist_hz": r.nyquist_hz,
+                    "aliased": r.aliased, "num_frequencies": r.num_frequencies,
+                }
+                for r in self.rows
+            ],
+            "similarity": {
+                "fps": [format_fps(sim.fps_a), format_fps(sim.fps_b)],
+                "time_mode": sim.time_mode,
+                "argmax": [int(j) for j in sim.argmax],
+                "rows_aligned_by_seconds": int(sim.aligned_by_seconds().sum()),
+                "rows_aligned_by_index": int(sim.aligned_by_index().sum()),
+                "rows": int(sim.matrix.shape[0]),
+                "matrix": np.round(sim.matrix, 6).tolist(),
+            },
+            "frequencies": freq,
+            "files": dict(self.files),
+        }
+
+
+def _parse_rate(value, name: str) -> Fraction:
+    return value if isinstance(value, Fraction) else parse_fps(value, name=name)
+
+
+def _similarity(cfg: EmbedConfig, fa: Fraction, fb: Fraction, seconds: float) -> Similarity:
+    ta = clip_timestamps(fa, seconds, cfg.temporal_patch)
+    tb = clip_timestamps(fb, seconds, cfg.temporal_patch)
+    m = cosine_matrix(temporal_code(cfg, ta)[0], temporal_code(cfg, tb)[0])
+    return Similarity(fa, fb, cfg.time_mode, token_times(ta, cfg.temporal_patch), token_times(tb, cfg.temporal_patch), m)
+
+
+def inspect_embedding(
+    cfg: EmbedConfig,
+    rates: Sequence = (6, 12, 24, 60),  # the slow end (ref_fps 24 aliases below 24 / pi ~= 7.6 fps) to a fast display rate
+    *,
+    compare: Sequence = (24, 60),
+    seconds: float = 1.0,
+    sweep_points: int = 160,
+) -> EmbedReport:
+    """Compute every number and curve of the report for ``cfg`` (no files written; see :func:`write_plots`)."""
+    cfg.validate()
+    fr = []
+    for r in rates:
+        f = _parse_rate(r, "rates")
+        if f not in fr:
+            fr.append(f)
+    if not fr:
+        raise EqmError("rates: give at least one frame rate")
+    if len(fr) > MAX_RATES:
+        raise EqmError(f"rates: at most {MAX_RATES} frame rates, got {len(fr)}")
+    if len(compare) != 2:
+        raise EqmError(f"compare: give exactly two frame rates like 24,60, got {len(compare)}")
+    fa, fb = (_parse_rate(c, "compare") for c in compare)
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise EqmError(f"seconds: clip duration must be in (0, {MAX_SECONDS:g}] seconds, got {seconds!r}")
+
+    raw = cfg.with_time("seconds", 1.0)
+    index = cfg.with_time("index")
+    fl = [float(f) for f in fr]
+    adj, adj_raw, adj_idx = adjacent_similarity(cfg, fl), adjacent_similarity(raw, fl), adjacent_similarity(index, fl)
+
+    rows, codes = [], {}
+    for i, f in enumerate(fr):
+        ts = clip_timestamps(f, seconds, cfg.temporal_patch)
+        code = temporal_code(cfg, ts, as_added=True)[0]
+        codes[format_fps(f)] = (token_times(ts, cfg.temporal_patch), code.numpy())
+        hz = frequency_hz(cfg, f)
+        nyq = nyquist_hz(cfg, f)
+        rows.append(RateRow(
+            fps=f, frames=int(ts.shape[0]), tokens=int(code.shape[0]),
+            adjacent=float(adj[i]), adjacent_raw_seconds=float(adj_raw[i]), adjacent_index=float(adj_idx[i]),
+            max_hz=float(hz.max()) if hz.size else None, nyquist_hz=nyq,
+            aliased=int((hz > nyq).sum()), num_frequencies=int(hz.size),
+        ))
+
+    similarity = _similarity(cfg, fa, fb, seconds)
+    other = index if cfg.time_mode == "seconds" else cfg.with_time("seconds")
+    contrast = _similarity(other, fa, fb, seconds)
+
+    # Sweep wide enough to show both ends: the slow rates where fast channels alias and the fast
+    # ones where raw seconds become indistinguishable.
+    lo = min(1.0, min(fl) / 2)
+    hi = max(240.0, 2 * max(fl))
+    sweep_fps = np.geomspace(lo, hi, sweep_points)
+    sweep = {
+        f"this model ({cfg.time_mode}{', ref_fps %g' % cfg.ref_fps if cfg.time_mode == 'seconds' else ''})": adjacent_similarity(cfg, sweep_fps),
+        "raw seconds (ref_fps 1)": adjacent_similarity(raw, sweep_fps),
+        "frame index": adjacent_similarity(index, sweep_fps),
+    }
+    return EmbedReport(cfg, float(seconds), rows, codes, similarity, contrast, sweep_fps, sweep)
+
+
+# ============================================================================================
+# Plots (matplotlib Figure + Agg, no pyplot: see the module docstring)
+# ============================================================================================
+
+
+def _save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Render to a temporary file in the same folder, then rename: never a half-written PNG."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _edges(x: np.ndarray) -> np.ndarray:
+    """Cell edges around sample positions (for pcolormesh with one cell per token)."""
+    if len(x) == 1:
+        return np.array([x[0] - 0.5, x[0] + 0.5])
+    mid = (x[1:] + x[:-1]) / 2
+    return np.concatenate([[2 * x[0] - mid[0]], mid, [2 * x[-1] - mid[-1]]])
+
+
+def _heatmap(report: EmbedReport):
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    cfg = report.config
+    n = len(report.codes)
+    fig = Figure(figsize=(9, 1.2 + 1.9 * n), layout="constrained")
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    d_t = cfg.time_channels
+    if cfg.pos == "sincos":
+        what = "sin(v\u2c7c\u03c4) | cos(v\u2c7c\u03c4) \u2212 1, as added to the tokens"
+        norm = TwoSlopeNorm(vmin=-2.0, vcenter=0.0, vmax=1.0)
+    else:
+        what = "cos | sin of the RoPE time-group angles w\u2c7c\u03c4"
+        norm = TwoSlopeNorm(vmin=-1.0, vcenter=0.0, vmax=1.0)
+    mesh = None
+    for ax, (name, (times, code)) in zip(axes, report.codes.items()):
+        if d_t == 0:
+            ax.text(0.5, 0.5, "no temporal channels (time_frac = 0)", ha="center", va="center", transform=ax.transAxes)
+        else:
+            mesh = ax.pcolormesh(_edges(times), np.arange(d_t + 1) - 0.5, code.T, cmap="RdBu_r", norm=norm, shading="flat")
+            ax.axhline(d_t / 2 - 0.5, color="k", lw=0.6)
+            ax.set_ylim(d_t - 0.5, -0.5)
+        ax.set_ylabel(f"{name} fps\nchannel")
+    axes[-1].set_xlabel("time (s)" + ("  -  index mode: the code follows frame numbers, so a faster rate squeezes it in time" if cfg.time_mode != "seconds" else ""))
+    fig.suptitle(f"temporal code ({what})\n{cfg.describe()}", fontsize=10)
+    if mesh is not None:
+        fig.colorbar(mesh, ax=list(axes), shrink=0.8)
+    return fig
+
+
+def _similarity_plot(report: EmbedReport):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    mesh = None
+    for ax, sim, title in ((axes[0], report.similarity, "this model"), (axes[1], report.contrast, "for contrast")):
+        mesh = ax.pcolormesh(_edges(sim.times_b), _edges(sim.times_a), sim.matrix, cmap="viridis", vmin=-1, vmax=1, shading="flat")
+        ax.plot(sim.times_b[sim.argmax], sim.times_a, "w.", ms=4, label="most similar frame")
+        ax.plot([0, report.seconds], [0, report.seconds], "r--", lw=0.8, label="same time")
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{format_fps(sim.fps_b)} fps frame time (s)")
+        ax.set_ylabel(f"{format_fps(sim.fps_a)} fps frame time (s)")
+        n_sec, n_idx, n = int(sim.aligned_by_seconds().sum()), int(sim.aligned_by_index().sum()), sim.matrix.shape[0]
+        ax.set_title(f"{title}: {sim.time_mode} positions\npeak at the nearest time in {n_sec}/{n} rows, same index in {n_idx}", fontsize=9)
+        ax.legend(loc="lower left", fontsize=7)
+    fig.colorbar(mesh, ax=list(axes), shrink=0.8, label="cosine similarity")
+    fig.suptitle(f"frame-to-frame similarity of the temporal code, {format_fps(report.similarity.fps_a)} vs "
+                 f"{format_fps(report.similarity.fps_b)} fps\n{report.config.describe()}", fontsize=10)
+    return fig
+
+
+def _separability_plot(report: EmbedReport):
+    from matplotlib.figure import Figure
+
+    cfg = report.config
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    # 1 - similarity on a log axis: r = 1 sits within 1e-5 of 1, invisible on a linear one.  The
+    # floor keeps float32 round-off (codes are float32, like the model's) off the log axis.
+    floor = 1e-9
+    styles = ("-", "--", ":")
+    for (label, s), ls in zip(report.sweep.items(), styles):
+        ax.plot(report.sweep_fps, np.maximum(1.0 - s, floor), ls, lw=1.6, label=label)
+    for r in report.rows:
+        ax.plot(float(r.fps), max(1.0 - r.adjacent, floor), "ko", ms=4)
+        ax.annotate(f"{format_fps(r.fps)} fps", (float(r.fps), max(1.0 - r.adjacent, floor)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if cfg.train_fps:
+        ax.axvspan(*cfg.train_fps, color="0.85", zorder=0, label="training rates")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("frame rate (fps)")
+    ax.set_ylabel("1 \u2212 cosine similarity of neighbouring frames\n(higher = more separable)")
+    ax.set_title(f"adjacent-frame separability\n{cfg.describe()}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _frequency_plot(report: EmbedReport):
+    from matplotlib.figure import Figure
+
+    cfg = report.config
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    omegas = report.omegas
+    j = np.arange(len(omegas))
+    colors = [f"C{i % 10}" for i in range(len(report.rows))]
+    if len(omegas) == 0:
+        ax.text(0.5, 0.5, "no temporal channels (time_frac = 0)", ha="center", va="center", transform=ax.transAxes)
+    elif cfg.time_mode == "seconds":  # one set of frequencies for every rate
+        ax.plot(j, frequency_hz(cfg, 1), "k.-", ms=4, label=f"frequency (ref_fps {cfg.ref_fps:g} \u00b7 w / 2\u03c0)")
+    for row, c in zip(report.rows, colors):
+        if len(omegas) and cfg.time_mode != "seconds":
+            ax.plot(j, frequency_hz(cfg, row.fps), ".-", color=c, ms=3, label=f"{format_fps(row.fps)} fps (fps \u00b7 w / 2\u03c0)")
+        ax.axhline(row.nyquist_hz, color=c, ls="--", lw=1,
+                   label=f"Nyquist {format_fps(row.fps)} fps = {row.nyquist_hz:g} Hz ({row.aliased} aliased)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # j counts frequencies: no 0.2 ticks for a 2-pair RoPE group
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency index j (w\u2c7c = 10000^(\u22122j/d\u209c))")
+    ax.set_ylabel("Hz (cycles per second of video)")
+    rot = "rotation per second (rad/s)" if cfg.pos == "rope" else "phase advance per second (rad/s)"
+    sec = ax.secondary_yaxis("right", functions=(lambda hz: 2 * np.pi * hz, lambda rad: rad / (2 * np.pi)))
+    sec.set_ylabel(rot)
+    ax.set_title(f"temporal frequencies against each rate's Nyquist limit\n{cfg.describe()}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def write_plots(report: EmbedReport, out_dir: PathLike) -> dict[str, Path]:
+    """Write heatmap.png, similarity.png, separability.png and frequencies.png into ``out_dir`` (atomically)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EqmError(f"output folder {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, make in zip(PLOT_FILES, (_heatmap, _similarity_plot, _separability_plot, _frequency_plot)):
+        path = out / name
+        _save_figure(make(report), path)
+        written[name.removesuffix(".png")] = path
+    report.files = {k: str(v) for k, v in written.items()}
+    return written
