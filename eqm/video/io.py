@@ -1,0 +1,781 @@
+"""Reading clips by seeking, and writing videos that play at exactly the requested rate.
+
+Reading (SPEC section 5): `read_clip` opens a file with PyAV, seeks to the keyframe at or before
+the first wanted time and decodes forward only until the last wanted time has been passed, so the
+cost of a 16-frame clip depends on the keyframe interval, not on the length of the file. Each
+requested time gets the decoded frame whose presentation time is nearest, and the clip carries
+those real presentation times (not the requested ones): the timestamps a model trains on are the
+times the frames were actually shown. `read_video` decodes a whole file (for retiming user
+videos, never for training clips).
+
+Writing (SPEC section 6): `write_video` picks the format from the suffix.
+
+- ``.mp4`` / ``.mkv``: H.264 (libx264) through PyAV. The encoder and stream time base is 1/fps
+  with fps an exact fraction (30000/1001 -> time base 1001/30000, frame k has pts k), and the
+  stream rate is that fraction, so readers report 30000/1001 rather than 29.97. The keyframe
+  interval defaults to about one second: x264's default of 250 frames would make every seek in
+  a training clip decode up to ten seconds of video. Given explicit ``pts`` (seconds, variable
+  rate) the time base is 1/90000 (the MPEG clock) and the frames keep those times; matroska
+  always stores milliseconds, whatever time base is asked for.
+- ``.gif``: delays are whole hundredths of a second. Frame k starts at round(100 k / fps) cs, so
+  per-frame rounding errors do not accumulate and the total duration is exact to 1 cs; above
+  50 fps some delays are 1 cs, which browsers raise to 10 cs, hence a warning. Written with
+  Pillow (a dependency of imageio) because it builds an adaptive palette per frame, where
+  PyAV's GIF encoder only offers a fixed 3-3-2 palette. Pillow floors millisecond durations to
+  centiseconds, so the delays are passed as exact multiples of 10 ms.
+
+Every write goes to a temporary file in the destination folder (keeping the suffix, so tools
+that sniff it still work) and is renamed over the target at the end; on any error the temporary
+file is removed and the target is left as it was.
+
+Frames for I/O are numpy uint8 (T, H, W, 3); model tensors are float (C, T, H, W) in [-1, 1]
+(`to_uint8` / `from_uint8` convert). The writers accept either: a float array/tensor is always
+read as (C, T, H, W) in [-1, 1], a uint8 one as (T, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from eqm.errors import EqmError
+from eqm.timebase import parse_fps
+
+__all__ = [
+    "Clip",
+    "VideoData",
+    "WriteResult",
+    "read_clip",
+    "read_video",
+    "write_video",
+    "write_png_frames",
+    "write_grid_png",
+    "to_uint8",
+    "from_uint8",
+    "WRITE_FORMATS",
+]
+
+#: Output suffix -> libavformat muxer name ("gif" is written by Pillow, see the module docstring).
+WRITE_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".gif": "gif"}
+
+#: Time base for variable-rate output: 90 kHz is the MPEG system clock, fine enough that any
+#: realistic frame time (and every NTSC rate) lands within 6 microseconds of what was asked.
+VFR_TIME_BASE = Fraction(1, 90000)
+
+#: Above this rate a GIF needs delays below 2/100 s, which browsers raise to 10/100 s.
+GIF_MAX_EXACT_FPS = 50
+
+#: Default H.264 encoder settings. "medium" is x264's own default; outputs here are small (a few
+#: seconds at <= 256 px), so the slower presets cost little and CRF 18 is visually lossless.
+DEFAULT_CODEC = "libx264"
+DEFAULT_PRESET = "medium"
+
+# Container formats libavformat uses for single still images: they expose a "video" stream but
+# are not videos (probe.py refuses them for the same reason).
+_STILL_IMAGE_FORMATS = {"image2", "tty"}
+# Demuxers named "*_pipe" are image readers (png_pipe, jpeg_pipe, ...) except these animations.
+_ANIMATED_PIPES = {"gif_pipe", "apng_pipe", "webp_pipe"}
+
+# Codecs that store chroma at half resolution need even frame sizes.
+_SUBSAMPLED_PIX_FMTS = {"yuv420p", "yuvj420p", "nv12", "nv21", "yuv420p10le"}
+
+# Temporary files are created by mkstemp (mode 0600); the final file should get the ordinary
+# permissions a plain open() would give, so remember the process umask once. Reading it means
+# setting it, which is why this happens at import time and not in every write.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# =============================================================================================
+# Data types
+# =============================================================================================
+
+
+@dataclass
+class Clip:
+    """Frames read by `read_clip`.
+
+    frames: uint8 (T, H, W, 3), one per requested time, in request order.
+    pts: float64 (T,), absolute stream time in seconds of each returned frame (what the frame's
+    own presentation timestamp says, not the requested time). Subtract pts[0] for the
+    clip-relative timestamps a model uses.
+    """
+
+    frames: np.ndarray
+    pts: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class VideoData:
+    """A whole decoded video: frames uint8 (T, H, W, 3), pts float64 (T,) seconds from the first
+    frame, fps the stream's average rate as an exact fraction (None when the file declares none),
+    has_audio whether the container also holds audio."""
+
+    frames: np.ndarray
+    pts: np.ndarray
+    fps: Optional[Fraction]
+    has_audio: bool
+
+
+@dataclass
+class WriteResult:
+    """What `write_video` wrote.
+
+    fps is the exact rate the file declares (for variable-rate output: the nominal rate passed
+    in, used for the last frame's duration). duration is the playing time in seconds: T / fps for
+    a constant rate, the span of the written pts plus the last frame's duration otherwise, and
+    the sum of the centisecond delays for a GIF. num_frames is the number of frames stored (a GIF
+    drops frames whose delay rounds to 0 cs; a warning says so).
+    """
+
+    path: Path
+    fps: Fraction
+    num_frames: int
+    duration: float
+    warnings: list[str] = field(default_factory=list)
+
+
+# =============================================================================================
+# Pixel conversion
+# =============================================================================================
+
+
+def to_uint8(video) -> np.ndarray:
+    """(C, T, H, W) float in [-1, 1] (torch tensor or numpy array) -> numpy uint8 (T, H, W, 3).
+
+    Values are mapped with (x + 1) * 127.5, rounded to the nearest integer and clamped, so
+    `to_uint8(from_uint8(f))` returns `f` exactly. NaN becomes 0 (black would hide the pixel;
+    mid-grey would too, but 0 is what a clamp of -inf gives). One channel is repeated to three.
+    """
+    if _is_tensor(video):
+        arr = video.detach().to("cpu").float().numpy()
+    else:
+        arr = np.asarray(video)
+    if arr.ndim != 4:
+        raise EqmError(f"video must have shape (C, T, H, W), got {tuple(arr.shape)}")
+    if arr.shape[0] not in (1, 3):
+        raise EqmError(f"video must have 1 or 3 channels in dimension 0 of (C, T, H, W), got shape {tuple(arr.shape)}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise EqmError(f"video must be float in [-1, 1], got dtype {arr.dtype}")
+    x = np.nan_to_num(arr.astype(np.float32, copy=False), nan=-1.0)
+    x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    if x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    return np.ascontiguousarray(x.transpose(1, 2, 3, 0))
+
+
+def from_uint8(frames):
+    """numpy uint8 (T, H, W, 3) -> torch float32 (3, T, H, W) in [-1, 1] (x / 127.5 - 1)."""
+    import torch
+
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise EqmError(f"frames must be uint8 with shape (T, H, W, 3), got {arr.dtype} {tuple(arr.shape)}")
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(3, 0, 1, 2).float()
+    return t.div_(127.5).sub_(1.0)
+
+
+def _is_tensor(x) -> bool:
+    # Checked by name so that importing this module never imports torch.
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _as_frames(frames, path: Path) -> np.ndarray:
+    """Normalise writer input to a contiguous uint8 (T, H, W, 3) array, or raise naming `path`."""
+    if frames is None:
+        raise EqmError(f"cannot write {path}: no frames given")
+    if _is_tensor(frames) and not frames.is_floating_point():
+        frames = frames.detach().to("cpu").numpy()
+    if _is_tensor(frames) or (isinstance(frames, np.ndarray) and np.issubdtype(frames.dtype, np.floating)):
+        shape = tuple(frames.shape)
+        if len(shape) != 4 or shape[0] not in (1, 3):
+            raise EqmError(f"cannot write {path}: float frames must have shape (C, T, H, W) with C = 1 or 3, got {shape}")
+        if 0 in shape:
+            raise EqmError(f"cannot write {path}: no frames to write (shape {shape})")
+        return to_uint8(frames)
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8:
+        raise EqmError(f"cannot write {path}: frames must be uint8 (T, H, W, 3) or float (C, T, H, W) in [-1, 1], got dtype {arr.dtype}")
+    if arr.ndim == 3:  # (T, H, W) greyscale
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise EqmError(f"cannot write {path}: uint8 frames must have shape (T, H, W, 3), got {tuple(arr.shape)}")
+    if 0 in arr.shape:
+        raise EqmError(f"cannot write {path}: no frames to write (shape {tuple(arr.shape)})")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)
+
+
+# =============================================================================================
+# Reading
+# =============================================================================================
+
+
+def _check_input(path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise EqmError(f"video file not found: {p}")
+    if p.is_dir():
+        raise EqmError(f"{p} is a folder, not a video file")
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise EqmError(f"cannot read video {p}: {e.strerror or e}") from None
+    if size == 0:
+        raise EqmError(f"cannot read video {p}: the file is empty")
+    return p
+
+
+def _av_reason(e: BaseException) -> str:
+    # PyAV errors repeat the file name and errno; the strerror is the useful part.
+    return str(getattr(e, "strerror", None) or e or type(e).__name__)
+
+
+def _open_video(p: Path):
+    """Open `p` and return (container, video stream); one-line EqmError for anything unreadable."""
+    import av
+
+    try:
+        container = av.open(str(p), "r")
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise EqmError(f"cannot read video {p}: {_av_reason(e)}") from None
+    try:
+        fmt = (container.format.name or "").split(",")[0]
+        if not container.streams.video:
+            raise EqmError(f"{p} has no video stream")
+        if fmt in _STILL_IMAGE_FORMATS or (fmt.endswith("_pipe") and fmt not in _ANIMATED_PIPES):
+            raise EqmError(f"{p} is a still image ({fmt}), not a video")
+    except BaseException:
+        container.close()
+        raise
+    return container, container.streams.video[0]
+
+
+def _stream_rate(stream) -> Optional[Fraction]:
+    """The stream's average rate, else its guessed or base rate, as an exact Fraction."""
+    for attr in ("average_rate", "guessed_rate", "base_rate"):
+        try:
+            r = getattr(stream, attr)
+        except Exception:  # noqa: BLE001 - some PyAV builds raise on unset rates
+            r = None
+        if r:
+            r = Fraction(r)
+            if r > 0:
+                return r
+    return None
+
+
+def _frame_time(frame, stream) -> Optional[float]:
+    if frame.pts is None:
+        return None
+    tb = frame.time_base or stream.time_base
+    return float(frame.pts * tb)
+
+
+def _seek(container, stream, target: float, stats: dict) -> bool:
+    """Seek to the keyframe at or before `target` seconds; False if the demuxer cannot seek."""
+    import av
+
+    tb = stream.time_base
+    try:
+        container.seek(int(math.floor(target / tb)) if tb else 0, stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError:
+        stats["seek_failures"] += 1
+        return False
+    stats["seeks"] += 1
+    return True
+
+
+def _decode(container, stream, stats: dict) -> Iterator:
+    """Decoded frames of `stream` in presentation order, counted in stats["decoded_frames"]."""
+    for frame in container.decode(stream):
+        stats["decoded_frames"] += 1
+        yield frame
+
+
+def read_clip(path, times: Sequence[float], *, stats: Optional[dict] = None) -> Clip:
+    """Read the frames nearest to `times` (absolute stream seconds) from the video at `path`.
+
+    Seeks to the keyframe at or before min(times), decodes forward until a frame at or after
+    max(times) has come out, and returns, for each requested time in the order given, the
+    decoded frame whose presentation time is nearest (ties go to the earlier frame, the one on
+    screen at that instant). The decoder hands frames out in presentation order, so B-frame
+    reordering needs no extra care; frames whose pts go backwards (broken files) are ignored.
+
+    A time up to one frame duration past the last frame (or before the first) still gets the
+    last (first) frame: the last frame is on screen until the end of the video. Further out is an
+    EqmError naming the file, as are missing, empty or undecodable files and files without a
+    video stream.
+
+    `stats`, if given, is a dict that receives "decoded_frames" (frames the decoder produced,
+    including those between the keyframe and the first wanted time), "seeks" and
+    "seek_failures": the measurable proof that a clip does not decode the whole file.
+    """
+    import av
+
+    p = _check_input(path)
+    req = np.asarray(list(times) if not isinstance(times, np.ndarray) else times, dtype=np.float64)
+    if req.ndim != 1 or req.size == 0:
+        raise EqmError(f"clip times for {p} must be a non-empty list of seconds, got shape {tuple(req.shape)}")
+    if not np.all(np.isfinite(req)):
+        raise EqmError(f"clip times for {p} must be finite numbers of seconds")
+    st = stats if stats is not None else {}
+    st.update(decoded_frames=0, seeks=0, seek_failures=0)
+
+    container, stream = _open_video(p)
+    try:
+        tb = stream.time_base
+        start = float(stream.start_time * tb) if (stream.start_time is not None and tb) else 0.0
+        rate = _stream_rate(stream)
+        step = 1.0 / float(rate) if rate else 0.0
+        lo = float(req.min())
+
+        # Seek, then check that the first decoded frame is not after `lo`. A demuxer whose
+        # index is keyed by decode time (AVI and FLV with B-frames, for instance) can land on a
+        # keyframe whose presentation time is after the target, which would silently skip the
+        # frames just before it; back off further and seek again until that cannot happen.
+        target, back = lo, max(0.5, 2 * step)
+        fresh = True  # nothing demuxed yet: the container sits at the start of the file
+        while True:
+            if target > start and not _seek(container, stream, target, st):
+                target = start  # a demuxer that cannot seek: read from the start (slow, correct)
+            if target <= start and not fresh:
+                # Start over from a freshly opened file rather than seeking to time zero: some
+                # demuxers (MPEG-TS) cannot reliably seek back to their very first keyframe.
+                container.close()
+                container, stream = _open_video(p)
+            fresh = False
+            frames = _decode(container, stream, st)
+            first = None
+            for f in frames:
+                if _frame_time(f, stream) is not None:
+                    first = f
+                    break
+            at_start = target <= start
+            if first is None:
+                if at_start:
+                    raise EqmError(f"no frames could be decoded from {p}")
+            elif _frame_time(first, stream) <= lo or at_start:
+                break
+            target = max(start, min(target, _frame_time(first, stream) if first is not None else target) - back)
+            back *= 2
+
+        order = np.argsort(req, kind="stable")
+        sorted_req = req[order]
+        chosen: list[Optional[int]] = [None] * len(req)
+        kept_frames: list[np.ndarray] = []
+        kept_times: list[float] = []
+
+        def keep(cand: list) -> int:
+            # cand = [time, av frame, index into kept_frames or None]; convert a frame to RGB
+            # only when some requested time actually picks it.
+            if cand[2] is None:
+                kept_frames.append(cand[1].to_ndarray(format="rgb24"))
+                kept_times.append(cand[0])
+                cand[2] = len(kept_frames) - 1
+            return cand[2]
+
+        first_time = _frame_time(first, stream)
+        if sorted_req[0] < first_time - step - 1e-6:
+            raise EqmError(
+                f"clip time {sorted_req[0]:.4f} s is before the first frame of {p} (at {first_time:.4f} s)"
+            )
+        i, prev, last_gap = 0, None, 0.0
+        for frame in itertools.chain([first], frames):
+            t = _frame_time(frame, stream)
+            if t is None or (prev is not None and t <= prev[0]):
+                continue
+            cur = [t, frame, None]
+            while i < len(sorted_req) and sorted_req[i] <= t:
+                r = sorted_req[i]
+                pick = prev if (prev is not None and r - prev[0] <= t - r) else cur
+                chosen[order[i]] = keep(pick)
+                i += 1
+            if i == len(sorted_req):
+                break  # the last wanted time has been passed: stop decoding here
+            if prev is not None:
+                last_gap = t - prev[0]
+            prev = cur
+        if i < len(sorted_req):
+            # End of stream before the last wanted time: the last frame covers one frame
+            # duration (or the last gap when the rate is unknown) past its own time.
+            last_t = prev[0]
+            tol = step or last_gap
+            if sorted_req[-1] > last_t + tol + 1e-6:
+                raise EqmError(
+                    f"clip time {sorted_req[-1]:.4f} s is beyond the end of {p} (last frame at {last_t:.4f} s)"
+                )
+            for j in range(i, len(sorted_req)):
+                chosen[order[j]] = keep(prev)
+    except av.error.FFmpegError as e:
+        raise EqmError(f"cannot decode video {p}: {_av_reason(e)}") from None
+    finally:
+        container.close()
+
+    shapes = {f.shape for f in kept_frames}
+    if len(shapes) != 1:
+        raise EqmError(f"frames of {p} change size mid-stream ({sorted(shapes)}); cannot form a clip")
+    out = np.stack([kept_frames[k] for k in chosen])
+    pts = np.asarray([kept_times[k] for k in chosen], dtype=np.float64)
+    return Clip(frames=out, pts=pts)
+
+
+def read_video(path, max_frames: Optional[int] = None) -> VideoData:
+    """Decode a whole video (or its first `max_frames` frames) into memory.
+
+    pts are seconds relative to the first decoded frame, in presentation order; fps is the
+    stream's average rate (else guessed / base rate) as an exact Fraction, None if unknown.
+    Meant for retiming user files; training clips use `read_clip`.
+    """
+    import av
+
+    p = _check_input(path)
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+        raise EqmError(f"max_frames must be a positive integer, got {max_frames!r} (reading {p})")
+    container, stream = _open_video(p)
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    try:
+        fps = _stream_rate(stream)
+        has_audio = len(container.streams.audio) > 0
+        step = 1.0 / float(fps) if fps else 0.0
+        for frame in container.decode(stream):
+            t = _frame_time(frame, stream)
+            if t is None:  # no timestamp at all: assume the nominal rate
+                t = (times[-1] + step) if times else 0.0
+            if times and t <= times[-1]:
+                continue  # duplicate or backwards pts in a broken file
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(t)
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    except av.error.FFmpegError as e:
+        raise EqmError(f"cannot decode video {p}: {_av_reason(e)}") from None
+    finally:
+        container.close()
+    if not frames:
+        raise EqmError(f"no frames could be decoded from {p}")
+    if len({f.shape for f in frames}) != 1:
+        raise EqmError(f"frames of {p} change size mid-stream; cannot read it as one video")
+    pts = np.asarray(times, dtype=np.float64)
+    return VideoData(frames=np.stack(frames), pts=pts - pts[0], fps=fps, has_audio=has_audio)
+
+
+# =============================================================================================
+# Writing
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path` (same suffix); rename it over `path` on success,
+    delete it on any error (including KeyboardInterrupt)."""
+    folder = path.absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EqmError(f"cannot write {path}: cannot create folder {folder} ({e.strerror or e})") from None
+    if path.is_dir():
+        raise EqmError(f"cannot write {path}: it is a folder")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=folder)
+    except OSError as e:
+        raise EqmError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _exact_rate(fps, path: Path, warnings: list[str]) -> Fraction:
+    """parse_fps, then keep the denominator small enough for a container time base.
+
+    A float spelling of an exact rate (float(Fraction(30000, 1001))) comes back from parse_fps
+    as a fraction with a 10^14 denominator; snap it to the nearby rate with denominator <= 1001
+    when that is the same number to float precision. Anything else is rounded to a denominator
+    <= 10000 (a 32-bit time base) with a warning.
+    """
+    try:
+        r = parse_fps(fps)
+    except EqmError as e:
+        raise EqmError(f"cannot write {path}: {e}") from None
+    if r.denominator > 1001:
+        snapped = r.limit_denominator(1001)
+        if abs(snapped - r) <= r * Fraction(1, 10**9):
+            return snapped
+        approx = r.limit_denominator(10000)
+        if approx != r:
+            warnings.append(f"fps {float(r):.9g} stored as {approx} (a container time base needs a small denominator)")
+        return approx
+    return r
+
+
+def _check_pts(pts, n: int, path: Path) -> np.ndarray:
+    arr = np.asarray(pts.detach().cpu().numpy() if _is_tensor(pts) else pts, dtype=np.float64)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise EqmError(f"cannot write {path}: pts must be a list of {n} times in seconds (one per frame), got shape {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise EqmError(f"cannot write {path}: pts must be finite numbers of seconds")
+    if n > 1 and np.any(np.diff(arr) <= 0):
+        raise EqmError(f"cannot write {path}: pts must be strictly increasing")
+    return arr - arr[0]  # the file starts at its first frame
+
+
+def write_video(
+    path,
+    frames,
+    fps,
+    *,
+    pts=None,
+    codec: Optional[str] = None,
+    crf: float = 18,
+    keyint: Optional[int] = None,
+    preset: str = DEFAULT_PRESET,
+) -> WriteResult:
+    """Write `frames` to `path` (.mp4, .mkv or .gif, chosen by suffix) at exactly `fps`.
+
+    frames: uint8 (T, H, W, 3) or float (C, T, H, W) in [-1, 1] (numpy or torch).
+    fps: anything `eqm.timebase.parse_fps` accepts; stored as an exact fraction.
+    pts: optional per-frame presentation times in seconds (strictly increasing, shifted so the
+      first is 0) for variable-rate output; the last frame lasts 1 / fps.
+    codec: PyAV encoder for .mp4/.mkv (default libx264); crf / preset apply to libx264/libx265.
+    keyint: frames between keyframes (default round(fps), about one second, so clips seek fast).
+    H.264 in yuv420p needs even sizes: odd frames are padded by repeating the last row/column,
+    and the result's warnings say so.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in WRITE_FORMATS:
+        known = ", ".join(WRITE_FORMATS)
+        raise EqmError(f"cannot write {p}: unknown video format {suffix or '(no suffix)'!r}; use one of {known}")
+    warnings: list[str] = []
+    rate = _exact_rate(fps, p, warnings)
+    arr = _as_frames(frames, p)
+    rel_pts = _check_pts(pts, arr.shape[0], p) if pts is not None else None
+    if keyint is not None and (isinstance(keyint, bool) or not isinstance(keyint, int) or keyint < 1):
+        raise EqmError(f"cannot write {p}: keyint must be a positive number of frames, got {keyint!r}")
+    if isinstance(crf, bool) or not isinstance(crf, (int, float)) or not (0 <= crf <= 51):
+        raise EqmError(f"cannot write {p}: crf must be a number from 0 to 51, got {crf!r}")
+
+    if suffix == ".gif":
+        if codec not in (None, "gif"):
+            raise EqmError(f"cannot write {p}: codec {codec!r} does not apply to GIF")
+        return _write_gif(p, arr, rate, rel_pts, warnings)
+    return _write_av(p, WRITE_FORMATS[suffix], arr, rate, rel_pts, codec or DEFAULT_CODEC, crf, keyint, preset, warnings)
+
+
+def _write_av(p: Path, fmt: str, arr: np.ndarray, rate: Fraction, rel_pts, codec: str, crf, keyint, preset, warnings) -> WriteResult:
+    import av
+
+    try:
+        enc = av.codec.Codec(codec, "w")
+    except Exception:  # noqa: BLE001 - PyAV raises different types for unknown / decoder-only
+        raise EqmError(f"cannot write {p}: video encoder {codec!r} is not available in this PyAV build") from None
+    if enc.type != "video":
+        raise EqmError(f"cannot write {p}: {codec!r} is not a video encoder")
+    formats = [f.name for f in (enc.video_formats or [])]
+    pix_fmt = "yuv420p" if (not formats or "yuv420p" in formats) else formats[0]
+
+    n, h, w, _ = arr.shape
+    if pix_fmt in _SUBSAMPLED_PIX_FMTS and (h % 2 or w % 2):
+        h2, w2 = h + h % 2, w + w % 2
+        arr = np.pad(arr, ((0, 0), (0, h2 - h), (0, w2 - w), (0, 0)), mode="edge")
+        warnings.append(f"{p.name}: padded {w}x{h} frames to {w2}x{h2} by repeating the last row/column ({pix_fmt} needs even sizes)")
+        h, w = h2, w2
+
+    if keyint is None:
+        keyint = max(1, round(rate))  # about one keyframe per second: bounded seek cost
+
+    if rel_pts is None:
+        # Constant rate: time base 1/fps, frame k at pts k. The muxer may rescale (mp4 uses a
+        # timescale that is a multiple of fps's numerator, matroska 1/1000) but the declared
+        # rate stays the exact fraction.
+        time_base = 1 / rate
+        ticks = np.arange(n, dtype=np.int64)
+        durations = np.ones(n, dtype=np.int64)
+        duration = float(n / rate)
+    else:
+        time_base = VFR_TIME_BASE
+        ticks = np.rint(rel_pts / float(time_base)).astype(np.int64)
+        last = max(1, round(Fraction(1) / rate / time_base))
+        durations = np.append(np.diff(ticks), last)
+        if n > 1 and np.any(durations[:-1] <= 0):
+            raise EqmError(f"cannot write {p}: pts closer together than 1/90000 s")
+        if fmt == "matroska":
+            ms = np.rint(rel_pts * 1000)
+            if n > 1 and np.any(np.diff(ms) <= 0):
+                raise EqmError(f"cannot write {p}: matroska stores times in milliseconds and some pts are less than 1 ms apart; use .mp4")
+        duration = float((int(ticks[-1]) + int(last)) * time_base)
+
+    options = {"movflags": "+faststart"} if fmt == "mp4" else {}
+    codec_options = {"crf": f"{crf:g}", "preset": str(preset)} if codec in ("libx264", "libx265") else {}
+    if rel_pts is not None:
+        # No B-frames for variable-rate output: x264 derives decode times for reordered frames
+        # on a uniform grid, and an mp4 track's duration is the sum of decode-time steps, so
+        # with B-frames irregular pts give a file whose declared duration is wrong.
+        codec_options["bf"] = "0"
+    with _atomic_path(p) as tmp:
+        try:
+            with av.open(str(tmp), "w", format=fmt, options=options) as c:
+                s = c.add_stream(codec, rate=rate)
+                s.width, s.height, s.pix_fmt = w, h, pix_fmt
+                s.time_base = time_base
+                cc = s.codec_context
+                cc.time_base = time_base
+                cc.gop_size = int(keyint)
+                s.options = codec_options
+                for k in range(n):
+                    frame = av.VideoFrame.from_ndarray(arr[k], format="rgb24")
+                    frame.pts = int(ticks[k])
+                    frame.time_base = time_base
+                    # The encoder copies this to the packet: it is the last sample's duration
+                    # in mp4, so the file's duration is T/fps and not (T-1)/fps.
+                    frame.duration = int(durations[k])
+                    for packet in s.encode(frame):
+                        c.mux(packet)
+                for packet in s.encode():
+                    c.mux(packet)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise EqmError(f"cannot write {p}: {codec} encoding failed: {_av_reason(e)}") from None
+    return WriteResult(path=p, fps=rate, num_frames=n, duration=duration, warnings=warnings)
+
+
+def _gif_edges(n: int, rate: Fraction, rel_pts) -> list[int]:
+    """Start of each frame in centiseconds, plus the end of the last one (n + 1 values).
+
+    Rounding the cumulative start times (not each delay) keeps every frame within 0.5 cs of its
+    true time and the total within 0.5 cs of the true duration.
+    """
+
+    def cs(x: Fraction) -> int:
+        return math.floor(x * 100 + Fraction(1, 2))
+
+    if rel_pts is None:
+        return [cs(Fraction(k) / rate) for k in range(n + 1)]
+    times = [Fraction(float(t)).limit_denominator(10**6) for t in rel_pts]
+    return [cs(t) for t in times] + [cs(times[-1] + 1 / rate)]
+
+
+def _write_gif(p: Path, arr: np.ndarray, rate: Fraction, rel_pts, warnings: list[str]) -> WriteResult:
+    from PIL import Image
+
+    edges = _gif_edges(arr.shape[0], rate, rel_pts)
+    delays = [b - a for a, b in zip(edges, edges[1:])]
+    # A frame whose delay rounds to 0 cs would be replaced in the same instant (and players show
+    # 0-delay frames for 10 cs): drop it; the next frame starts at the same rounded time.
+    keep = [k for k, d in enumerate(delays) if d > 0]
+    if len(keep) < len(delays):
+        warnings.append(f"{p.name}: {len(delays) - len(keep)} frames dropped: GIF delays are whole 1/100 s and they would last 0")
+    delays = [delays[k] for k in keep]
+    if rate > GIF_MAX_EXACT_FPS or any(d < 2 for d in delays):
+        why = (
+            f"{float(rate):g} fps is above {GIF_MAX_EXACT_FPS} fps" if rate > GIF_MAX_EXACT_FPS
+            else "some pts are less than 20 ms apart"
+        )
+        warnings.append(
+            f"{p.name}: {why}: GIF stores delays in whole 1/100 s, so some frames last under 2/100 s, "
+            "which many players raise to 10/100 s (slow motion); use .mp4 for exact playback"
+        )
+    images = [Image.fromarray(arr[k]) for k in keep]
+    with _atomic_path(p) as tmp:
+        try:
+            images[0].save(
+                tmp,
+                format="GIF",
+                save_all=True,
+                append_images=images[1:],
+                # Milliseconds, but Pillow stores int(ms / 10): pass exact multiples of 10.
+                duration=[10 * d for d in delays],
+                loop=0,
+            )
+        except (OSError, ValueError) as e:
+            raise EqmError(f"cannot write {p}: {e}") from None
+    return WriteResult(path=p, fps=rate, num_frames=len(keep), duration=sum(delays) / 100, warnings=warnings)
+
+
+# =============================================================================================
+# PNG frames and grids
+# =============================================================================================
+
+
+def _save_png(path: Path, image: np.ndarray) -> Path:
+    from PIL import Image
+
+    with _atomic_path(path) as tmp:
+        try:
+            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+        except (OSError, ValueError) as e:
+            raise EqmError(f"cannot write {path}: {e}") from None
+    return path
+
+
+def write_png_frames(folder, frames, *, prefix: str = "frame_") -> list[Path]:
+    """Write each frame as `<folder>/<prefix>00000.png`, ... (each file atomically).
+
+    frames: uint8 (T, H, W, 3) or float (C, T, H, W) in [-1, 1]. Returns the paths in order.
+    """
+    d = Path(folder)
+    if d.exists() and not d.is_dir():
+        raise EqmError(f"cannot write PNG frames to {d}: it exists and is not a folder")
+    arr = _as_frames(frames, d)
+    digits = max(5, len(str(arr.shape[0] - 1)))
+    return [_save_png(d / f"{prefix}{k:0{digits}d}.png", arr[k]) for k in range(arr.shape[0])]
+
+
+def write_grid_png(path, videos, *, pad: int = 2, pad_value: int = 255, max_columns: Optional[int] = None) -> Path:
+    """One PNG with a row per sample and a column per frame, `pad` pixels of `pad_value` between.
+
+    videos: float (B, C, T, H, W) or (C, T, H, W) in [-1, 1], uint8 (B, T, H, W, 3) or
+    (T, H, W, 3), or a list of clips in either single-clip form (clips may differ in length and
+    size; short rows are left blank). max_columns: show at most this many frames per row, evenly
+    spaced from first to last (long clips would otherwise make an unviewably wide image).
+    """
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise EqmError(f"cannot write grid {p}: the file name must end in .png")
+    if not isinstance(pad, int) or pad < 0 or not (0 <= int(pad_value) <= 255):
+        raise EqmError(f"cannot write grid {p}: pad must be >= 0 and pad_value in 0..255")
+    if max_columns is not None and (not isinstance(max_columns, int) or max_columns < 1):
+        raise EqmError(f"cannot write grid {p}: max_columns must be a positive integer, got {max_columns!r}")
+    if isinstance(videos, (list, tuple)):
+        clips = list(videos)
+    else:
+        ndim = len(videos.shape)
+        is_float = videos.is_floating_point() if _is_tensor(videos) else np.issubdtype(np.asarray(videos).dtype, np.floating)
+        if ndim not in (4, 5):
+            kind = "(B, C, T, H, W) float" if is_float else "(B, T, H, W, 3) uint8"
+            raise EqmError(f"cannot write grid {p}: expected {kind} videos, got shape {tuple(videos.shape)}")
+        clips = list(videos) if ndim == 5 else [videos]
+    if not clips:
+        raise EqmError(f"cannot write grid {p}: no videos given")
+    rows = [_as_frames(c, p) for c in clips]
+    if max_columns is not None:
+        rows = [r[np.unique(np.rint(np.linspace(0, len(r) - 1, min(max_columns, len(r)))).astype(int))] for r in rows]
+    ch = max(r.shape[1] for r in rows)
+    cw = max(r.shape[2] for r in rows)
+    ncols = max(r.shape[0] for r in rows)
+    grid = np.full((pad + len(rows) * (ch + pad), pad + ncols * (cw + pad), 3), int(pad_value), np.uint8)
+    for i, r in enumerate(rows):
+        for j in range(r.shape[0]):
+            y, x = pad + i * (ch + pad), pad + j * (cw + pad)
+            grid[y : y + r.shape[1], x : x + r.shape[2]] = r[j]
+    return _save_png(p, grid)
