@@ -1,0 +1,417 @@
+"""Checkpoints on disk: safetensors weights, JSON state, and a weights_only torch file.  SPEC section 6.
+
+Layout of a run directory::
+
+    run_dir/
+      recipe.yaml                    the resolved recipe (every field, overrides applied)
+      metrics.jsonl                  one JSON object per logged step
+      checkpoints/
+        step_0000500/
+          model.safetensors          the trained weights (float32)
+          ema.safetensors            the EMA weights (what `sample` uses by default)
+          state.json                 {"step", "recipe", "arch", "format", ...}
+          optim.pt                   optimizer / LR-scheduler / RNG state (torch.load(weights_only=True))
+
+Why three formats: weights in safetensors load without executing code and memory-map; the JSON
+state is readable by people and by tools that do not have torch; only the optimizer state (a
+nested structure of tensors) needs torch's format, and it is loaded with ``weights_only=True``,
+so every RNG state is stored as tensors and plain Python types (no numpy arrays, no tuples of
+objects).
+
+Writes are atomic: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXXX-<pid>`` and
+renamed into place when complete, so a crash leaves either the whole checkpoint or nothing
+(hidden ``.tmp-*`` leftovers are ignored by the readers and removed by :func:`clean_stale`).
+Pruning (``keep_last``) renames a checkpoint to a hidden name before deleting it, for the same
+reason.  Only directories holding a ``state.json`` count as checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import EqmError
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIM_FILE = "optim.pt"
+FORMAT = "eqmctl-checkpoint-v1"
+
+PathLike = Union[str, Path]
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{int(step):07d}"
+
+
+def _step_of(path: Path) -> Optional[int]:
+    name = path.name
+    if not name.startswith("step_"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+# ============================================================================================
+# Listing and resolving
+# ============================================================================================
+
+
+def is_checkpoint(path: PathLike) -> bool:
+    """A complete checkpoint directory (it has a state.json)."""
+    p = Path(path)
+    return p.is_dir() and (p / STATE_FILE).is_file()
+
+
+def list_checkpoints(run_dir: PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest step first (hidden temp/trash dirs are skipped)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and is_checkpoint(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
+    """The checkpoint with the highest step in ``run_dir``, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def is_run_dir(path: PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / CKPT_DIR).is_dir() or (p / "recipe.yaml").is_file())
+
+
+def _latest_run(runs_root: Path, prefix: Optional[str] = None) -> Optional[Path]:
+    """The run under runs_root whose newest checkpoint was written last (optionally name-filtered)."""
+    best, best_t = None, -1.0
+    if not runs_root.is_dir():
+        return None
+    for run in runs_root.iterdir():
+        if not run.is_dir() or (prefix is not None and not run.name.startswith(prefix + "-")):
+            continue
+        ck = latest_checkpoint(run)
+        if ck is None:
+            continue
+        t = (ck / STATE_FILE).stat().st_mtime
+        if t > best_t:
+            best, best_t = run, t
+    return best
+
+
+def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "runs", *, run_prefix: Optional[str] = None) -> Path:
+    """Find a checkpoint directory.
+
+    * None or "latest": the latest checkpoint of the latest run under ``runs_root`` (the run whose
+      newest checkpoint was written most recently; ``run_prefix`` restricts to runs named
+      ``<prefix>-*``);
+    * a run directory: its latest checkpoint;
+    * a checkpoint directory, or a file inside one (state.json, model.safetensors, ...): that checkpoint.
+
+    Raises EqmError naming the path when nothing usable is there.
+    """
+    runs_root = Path(runs_root)
+    if path is None or str(path) == "latest":
+        run = _latest_run(runs_root, run_prefix)
+        if run is None:
+            which = f" named {run_prefix}-*" if run_prefix else ""
+            raise EqmError(f"no checkpoint found: no run{which} with checkpoints under {runs_root}/ (train one, or pass a checkpoint path)")
+        return latest_checkpoint(run)  # type: ignore[return-value]
+    p = Path(path)
+    if not p.exists():
+        raise EqmError(f"checkpoint not found: {p}")
+    if p.is_file():
+        if is_checkpoint(p.parent):
+            return p.parent
+        raise EqmError(f"{p} is not part of an eqmctl checkpoint (expected a directory with {STATE_FILE})")
+    if is_checkpoint(p):
+        return p
+    if (p / CKPT_DIR).is_dir() or is_run_dir(p):
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise EqmError(f"run directory {p} has no complete checkpoint yet")
+        return ck
+    if p.name == CKPT_DIR and p.is_dir():
+        ck = latest_checkpoint(p.parent)
+        if ck is not None:
+            return ck
+    raise EqmError(f"{p} is neither a checkpoint directory (with {STATE_FILE}) nor a run directory")
+
+
+def run_dir_of(ckpt: PathLike) -> Path:
+    """The run directory a checkpoint belongs to (run_dir/checkpoints/step_X -> run_dir)."""
+    return Path(ckpt).parent.parent
+
+
+# ============================================================================================
+# RNG state as tensors / plain types (weights_only-loadable)
+# ============================================================================================
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain types."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only if the device count matches)."""
+    import numpy as np
+    import torch
+
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ============================================================================================
+# Saving
+# ============================================================================================
+
+
+def _tensors(module_or_dict) -> dict:
+    sd = module_or_dict.state_dict() if hasattr(module_or_dict, "state_dict") else module_or_dict
+    # safetensors refuses shared storage and needs contiguous CPU tensors
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    run_dir: PathLike,
+    step: int,
+    *,
+    model,
+    ema=None,
+    arch: dict,
+    recipe: dict,
+    optimizer_state: Optional[dict] = None,
+    extra: Optional[dict] = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write run_dir/checkpoints/step_XXXXXXX atomically and prune to ``keep_last`` (0 = keep all).
+
+    model / ema: modules (or state dicts) saved to safetensors.  arch: the model's
+    ``arch_config()``; recipe: the resolved recipe dict; both go to state.json with ``step`` and
+    ``extra``.  optimizer_state: any weights_only-loadable structure (optimizer, scheduler, RNG),
+    saved to optim.pt.  An existing checkpoint of the same step is replaced atomically.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dirname(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        meta = {"format": "pt", "step": str(int(step))}
+        save_file(_tensors(model), str(tmp / MODEL_FILE), metadata=meta)
+        if ema is not None:
+            save_file(_tensors(ema), str(tmp / EMA_FILE), metadata=meta)
+        if optimizer_state is not None:
+            with open(tmp / OPTIM_FILE, "wb") as f:
+                torch.save(optimizer_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        state = {
+            "format": FORMAT,
+            "step": int(step),
+            "time": time.time(),
+            "has_ema": ema is not None,
+            "arch": arch,
+            "recipe": recipe,
+        }
+        if extra:
+            state.update(extra)
+        _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete checkpoint
+        if final.exists():
+            trash = root / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last and keep_last > 0:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns the removed paths."""
+    ckpts = list_checkpoints(run_dir)
+    removed = []
+    for old in ckpts[: max(0, len(ckpts) - keep_last)]:
+        trash = old.parent / f".trash-{old.name}-{os.getpid()}"
+        os.rename(old, trash)  # hidden first: never a half-deleted checkpoint with a state.json
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def clean_stale(run_dir: PathLike) -> int:
+    """Remove ``.tmp-*`` / ``.trash-*`` leftovers of interrupted writes; returns how many."""
+    root = Path(run_dir) / CKPT_DIR
+    n = 0
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
+
+
+# ============================================================================================
+# Loading
+# ============================================================================================
+
+
+def load_state(ckpt: PathLike) -> dict:
+    """state.json of a checkpoint directory (EqmError if missing or unreadable)."""
+    path = Path(ckpt) / STATE_FILE
+    if not path.is_file():
+        raise EqmError(f"checkpoint state not found: {path}")
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EqmError(f"cannot read checkpoint state {path}: {e}") from None
+    if not isinstance(state, dict) or "step" not in state or "arch" not in state:
+        raise EqmError(f"{path} is not an eqmctl checkpoint state (needs 'step' and 'arch')")
+    return state
+
+
+def load_weights(path: PathLike, device="cpu") -> dict:
+    """A safetensors file -> state dict (EqmError naming the file if missing or corrupt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise EqmError(f"checkpoint weights not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EqmError(f"cannot read weights {path}: {e}") from None
+
+
+def load_into(model, state_dict: dict, source: PathLike) -> None:
+    """load_state_dict(strict=True) with a one-line EqmError on any key or shape mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)})")
+        raise EqmError(f"weights {source} do not match the model architecture: {'; '.join(parts)} parameters")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_model_from_arch(arch: dict, source: PathLike = "checkpoint"):
+    """EqMTransformer(**arch) with an EqmError when the arch names unknown options."""
+    from .model import EqMTransformer
+
+    if not isinstance(arch, dict):
+        raise EqmError(f"{source}: 'arch' must be a mapping of model options")
+    try:
+        return EqMTransformer.from_config(dict(arch))
+    except TypeError as e:
+        raise EqmError(f"{source}: the model architecture in the checkpoint is not understood by this eqmctl ({e})") from None
+
+
+def load_model(ckpt_path_or_run_dir: Optional[PathLike] = None, use_ema: bool = True, device="cpu", *, runs_root: PathLike = "runs"):
+    """Rebuild the model of a checkpoint and load its (EMA) weights; returns (model in eval mode, state).
+
+    Accepts what :func:`resolve_checkpoint` accepts (None = latest run under ``runs_root``).
+    ``state`` is state.json plus ``"checkpoint"`` (the directory) and ``"weights"`` (the file
+    loaded).  Without an EMA file, use_ema falls back to the model weights and says so in
+    ``state["weights"]``.
+    """
+    ckpt = resolve_checkpoint(ckpt_path_or_run_dir, runs_root)
+    state = load_state(ckpt)
+    model = build_model_from_arch(state["arch"], ckpt / STATE_FILE)
+    weights = ckpt / (EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else MODEL_FILE)
+    load_into(model, load_weights(weights), weights)
+    model.to(device)
+    model.eval()
+    state = dict(state, checkpoint=str(ckpt), weights=str(weights))
+    return model, state
+
+
+def load_training_state(ckpt: PathLike, map_location="cpu") -> dict:
+    """optim.pt of a checkpoint, loaded with ``weights_only=True``."""
+    import pickle
+
+    import torch
+
+    path = Path(ckpt) / OPTIM_FILE
+    if not path.is_file():
+        raise EqmError(f"checkpoint {ckpt} has no training state ({OPTIM_FILE}); it can be sampled from but not resumed")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise EqmError(f"cannot read training state {path}: {' '.join(str(e).split())[:200]}") from None
+
+
+def weights_checksum(model_or_state) -> str:
+    """sha256 over the (sorted) parameter names and float32 bytes: equal iff the weights are equal."""
+    import hashlib
+
+    import torch
+
+    sd = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(k.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
