@@ -27,6 +27,9 @@ def _root() -> None:
 from eqmctl.commands import probe as _probe  # noqa: E402
 
 app.command("probe-fps")(_probe.probe_fps)
+from eqmctl.commands import sample as _sample  # noqa: E402
+
+app.command("sample")(_sample.sample)
 from eqmctl.commands import inspect_embed as _inspect_embed  # noqa: E402
 
 app.command("inspect-embed")(_inspect_embed.inspect_embed)

@@ -1,0 +1,337 @@
+"""Generation at a chosen frame rate, and writing the result so it plays at that rate.
+
+The frame timestamps of a generated clip are ``k / fps`` seconds (SPEC section 6): the requested
+rate changes the positional encoding of a seconds-mode model, so the same noise gives a clip whose
+motion per *second* is the one learned, sampled ``fps`` times a second.  An index-mode model
+cannot see the rate (its positions are 0, 1, 2, ...), which is the failure this project fixes.
+
+Noise is drawn per sample from its own generator seeded by ``(seed, sample index)``: sample i is
+the same clip whatever the batch size, and a run of 8 samples starts with the 4 of a run of 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import EqmError
+from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
+
+FORMATS = ("mp4", "mkv", "gif")
+
+#: Hard cap on frames per clip: a typo like --seconds 6000 should be an error, not an hour of compute.
+MAX_FRAMES = 4096
+
+
+@dataclass
+class Generation:
+    """Generated clips and how they were made.
+
+    videos: (N, C, T, H, W) float32 in [-1, 1] on the CPU; labels: (N,) long or None;
+    evals: (N,) model evaluations per sample (fewer than ``steps`` under adaptive stop);
+    final_rms: (N,) RMS of each sample's last gradient; timestamps: (T,) seconds, k / fps.
+    """
+
+    videos: torch.Tensor
+    labels: Optional[torch.Tensor]
+    evals: torch.Tensor
+    final_rms: torch.Tensor
+    timestamps: torch.Tensor
+    fps: Fraction
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.videos.shape[2])
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / float(self.fps)
+
+
+def resolve_num_frames(fps: Fraction, frames: Optional[int] = None, seconds: Optional[float] = None, default: int = 16, temporal_patch: int = 1) -> int:
+    """Frames of a clip from --frames or --seconds (at most one), else ``default``.
+
+    With ``seconds`` the count is round(seconds * fps), at least one frame; the result is rounded
+    up to a multiple of the model's temporal patch (a clip the model can tokenise).
+    """
+    if frames is not None and seconds is not None:
+        raise EqmError("give either --frames or --seconds, not both")
+    if frames is not None:
+        if isinstance(frames, bool) or int(frames) != frames or frames < 1:
+            raise EqmError(f"--frames must be a positive integer, got {frames}")
+        n = int(frames)
+    elif seconds is not None:
+        s = float(seconds)
+        if not math.isfinite(s) or s <= 0:
+            raise EqmError(f"--seconds must be a positive finite number, got {seconds}")
+        n = max(1, frames_for_duration(s, fps))
+    else:
+        n = int(default)
+    if temporal_patch > 1 and n % temporal_patch:
+        n += temporal_patch - n % temporal_patch
+    if n > MAX_FRAMES:
+        raise EqmError(f"{n} frames requested (fps {format_fps(fps)}); the limit is {MAX_FRAMES} frames per clip")
+    return n
+
+
+def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_names: Sequence[str] = ()) -> Optional[torch.Tensor]:
+    """Class label per sample from ``"0,2"`` or class names; cycled over the samples.
+
+    None: labels cycle through all classes (0, 1, ..., n-1, 0, ...); a model without classes
+    gets None (its null label).  Errors name the bad entry.
+    """
+    if num_classes <= 0:
+        if spec:
+            raise EqmError("--labels given but the model was trained without classes")
+        return None
+    if not spec:
+        return torch.arange(num_samples) % num_classes
+    names = {n: i for i, n in enumerate(class_names)}
+    out = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise EqmError(f"--labels has an empty entry: {spec!r}")
+        if item in names:
+            out.append(names[item])
+            continue
+        try:
+            k = int(item)
+        except ValueError:
+            known = f" (classes: {', '.join(class_names)})" if class_names else ""
+            raise EqmError(f"--labels entry {item!r} is neither a class index nor a class name{known}") from None
+        if not 0 <= k < num_classes:
+            raise EqmError(f"--labels entry {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+        out.append(k)
+    reps = -(-num_samples // len(out))
+    return torch.tensor((out * reps)[:num_samples], dtype=torch.long)
+
+
+def sample_noise(num_samples: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """(N, *shape) standard normal noise, sample i from its own generator seeded by (seed, i)."""
+    out = torch.empty((num_samples, *shape))
+    for i in range(num_samples):
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + i) % (2**63))
+        out[i] = torch.randn(tuple(shape), generator=g)
+    return out
+
+
+def _autocast(device: torch.device, dtype: Optional[str]):
+    import contextlib
+
+    if dtype in (None, "fp32", "float32", "no"):
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise EqmError(f"--dtype {dtype} needs a CUDA device (running on {device.type})")
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise EqmError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    return torch.autocast(device_type="cuda", dtype=table[dtype])
+
+
+def generate(
+    model,
+    *,
+    fps,
+    num_frames: int,
+    num_samples: int = 1,
+    labels: Optional[torch.Tensor] = None,
+    cfg_scale: float = 1.0,
+    method: str = "gd",
+    steps: Optional[int] = None,
+    step_size: Optional[float] = None,
+    momentum: Optional[float] = None,
+    tol: Optional[float] = None,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Generation:
+    """Sample ``num_samples`` clips of ``num_frames`` frames at timestamps k / fps.
+
+    Batches of ``batch_size`` (default: all at once) go through :func:`eqm.sampler.sample`;
+    ``progress(n)`` is called with the number of samples finished after each batch.
+    ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast.
+    """
+    from .sampler import default_sampler_settings, sample
+
+    fps = parse_fps(fps)
+    if num_samples < 1:
+        raise EqmError(f"--num-samples must be at least 1, got {num_samples}")
+    if batch_size is not None and batch_size < 1:
+        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
+    if cfg_scale != 1.0 and labels is None:
+        raise EqmError("--cfg-scale needs a class-conditional model (this one has no classes)")
+    if not math.isfinite(cfg_scale):
+        raise EqmError(f"--cfg-scale must be finite, got {cfg_scale}")
+    settings = default_sampler_settings(method)
+    steps = settings["steps"] if steps is None else steps
+    step_size = settings["step_size"] if step_size is None else step_size
+    momentum = settings["momentum"] if momentum is None else momentum
+
+    device = next(model.parameters()).device
+    C = model.in_channels
+    H, W = model.input_size
+    ts = uniform_timestamps(num_frames, fps).to(torch.float32)
+    noise = sample_noise(num_samples, (C, num_frames, H, W), seed)
+    bs = num_samples if batch_size is None else batch_size
+
+    outs, evals, rms = [], [], []
+    for start in range(0, num_samples, bs):
+        stop = min(num_samples, start + bs)
+        n = stop - start
+        y = None if labels is None else labels[start:stop].to(device)
+        with _autocast(device, dtype):
+            res = sample(
+                model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y,
+                method=method, steps=steps, step_size=step_size, momentum=momentum,
+                cfg_scale=cfg_scale, tol=tol,
+            )
+        x = res.x.float().cpu()
+        if not torch.isfinite(x).all():
+            raise EqmError(
+                f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size", exit_code=1
+            )
+        outs.append(x.clamp(-1, 1))
+        evals.append(res.evals.cpu())
+        rms.append(res.final_rms.float().cpu())
+        if progress is not None:
+            progress(stop)
+    return Generation(
+        videos=torch.cat(outs), labels=labels, evals=torch.cat(evals), final_rms=torch.cat(rms), timestamps=ts,
+        fps=fps, settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol,
+                               cfg_scale=cfg_scale, seed=seed),
+    )
+
+
+def upscale(videos: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of (N, C, T, H, W) clips by an integer factor (tiny models
+    make 24-pixel clips that players show as a speck; nearest keeps the pixels honest)."""
+    if factor == 1:
+        return videos
+    if factor < 1 or factor > 64:
+        raise EqmError(f"--upscale must be between 1 and 64, got {factor}")
+    return videos.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+@dataclass
+class WrittenSample:
+    index: int
+    path: Path
+    label: Optional[int]
+    frames: int
+    duration: float
+    evals: int
+    final_rms: float
+    png_dir: Optional[Path] = None
+
+
+@dataclass
+class WriteSummary:
+    out_dir: Path
+    fps: Fraction
+    samples: list
+    grid: Optional[Path]
+    manifest: Path
+    warnings: list
+
+
+def _fps_tag(fps: Fraction) -> str:
+    """'60', '29.97' (for 30000/1001): a file-name friendly rate."""
+    return str(fps.numerator) if fps.denominator == 1 else f"{float(fps):.3f}".rstrip("0").rstrip(".")
+
+
+def fps_str(fps: Fraction) -> str:
+    """The exact rate as Fraction() parses it back: '60', '30000/1001'."""
+    return str(fps.numerator) if fps.denominator == 1 else f"{fps.numerator}/{fps.denominator}"
+
+
+def write_generation(
+    gen: Generation,
+    out_dir,
+    *,
+    fmt: str = "mp4",
+    prefix: str = "sample",
+    png: bool = False,
+    grid: bool = False,
+    scale: int = 1,
+    class_names: Sequence[str] = (),
+    meta: Optional[dict] = None,
+) -> WriteSummary:
+    """Write each clip as ``<prefix>_<i>_<label>_<fps>fps.<fmt>`` (plus PNG frames and a grid)
+    and ``<prefix>s.json`` describing them.
+
+    Every file is written atomically, so an interrupted run leaves complete files only.
+    """
+    from .video.io import to_uint8, write_grid_png, write_png_frames, write_video
+
+    if fmt not in FORMATS:
+        raise EqmError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EqmError(f"output path {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    videos = upscale(gen.videos, scale)
+    tag = _fps_tag(gen.fps)
+    written, warnings = [], []
+    for i in range(videos.shape[0]):
+        label = None if gen.labels is None else int(gen.labels[i])
+        lname = "" if label is None else f"_{class_names[label] if label < len(class_names) else f'class{label}'}"
+        stem = f"{prefix}_{i:03d}{lname}_{tag}fps"
+        res = write_video(out_dir / f"{stem}.{fmt}", videos[i], gen.fps)
+        for w in res.warnings:
+            w = w.replace(f"{Path(res.path).name}: ", "")  # the same note for every clip: say it once
+            if w not in warnings:
+                warnings.append(w)
+        png_dir = None
+        if png:
+            png_dir = out_dir / f"{stem}_frames"
+            write_png_frames(png_dir, to_uint8(videos[i]))
+        written.append(WrittenSample(
+            index=i, path=Path(res.path), label=label, frames=res.num_frames, duration=float(res.duration),
+            evals=int(gen.evals[i]), final_rms=float(gen.final_rms[i]), png_dir=png_dir,
+        ))
+    grid_path = None
+    if grid:
+        grid_path = out_dir / f"{prefix}_grid_{tag}fps.png"
+        write_grid_png(grid_path, videos)
+    manifest = out_dir / f"{prefix}s.json"
+    doc = {
+        "fps": fps_str(gen.fps),
+        "fps_float": float(gen.fps),
+        "num_frames": gen.num_frames,
+        "duration": gen.duration,
+        "timestamps": [round(float(t), 9) for t in gen.timestamps],
+        "settings": gen.settings,
+        **(meta or {}),
+        "samples": [
+            {"file": w.path.name, "label": w.label, "frames": w.frames, "duration": w.duration,
+             "evals": w.evals, "final_rms": w.final_rms, "png_dir": None if w.png_dir is None else w.png_dir.name}
+            for w in written
+        ],
+        "grid": None if grid_path is None else grid_path.name,
+    }
+    _write_json_atomic(manifest, doc)
+    return WriteSummary(out_dir=out_dir, fps=gen.fps, samples=written, grid=grid_path, manifest=manifest, warnings=warnings)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

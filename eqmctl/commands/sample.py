@@ -1,0 +1,138 @@
+"""`eqmctl sample --fps N`: generate clips at a chosen frame rate and write them to play at it."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from eqmctl.common import console, err_console, is_tty, user_errors, warn
+
+
+def sample(
+    fps: str = typer.Option(..., "--fps", help="Frame rate to generate at, e.g. 60, 29.97 or 30000/1001. Frame k is at k/fps seconds."),
+    ckpt: Optional[str] = typer.Option(
+        None, "--ckpt", metavar="CKPT|RUN",
+        help="Checkpoint directory or run directory (its latest checkpoint). Default: the latest checkpoint of the latest run under --runs-root.",
+    ),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames per clip (default: the model's training length)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = round(seconds * fps))."),
+    num_samples: int = typer.Option(4, "--num-samples", "-N", help="Number of clips."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+    sampler: str = typer.Option("gd", "--sampler", help="gd or nag (Nesterov-accelerated gradient descent)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler)."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler)."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="NAG momentum mu (default 0.3)."),
+    tol: Optional[float] = typer.Option(0.01, "--tol", help="Adaptive stop: a sample stops when the RMS of its gradient falls below this; 0 = always run all steps."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed; sample i always gets the same noise for a given seed."),
+    ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", file_okay=False, help="Output folder."),
+    fmt: str = typer.Option("mp4", "--format", "-f", help="mp4 (H.264, exact frame rate), mkv or gif."),
+    png: bool = typer.Option(False, "--png", help="Also write every frame as PNG."),
+    grid: bool = typer.Option(False, "--grid", help="Also write a grid image (rows: samples, columns: frames)."),
+    upscale: int = typer.Option(1, "--upscale", help="Enlarge the written frames by this integer factor (nearest neighbour)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples generated together (default: all)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 autocast on CUDA."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
+    json_out: bool = typer.Option(False, "--json", help="Print the written samples as JSON on stdout."),
+) -> None:
+    """Generate clips at --fps and write them so they play at that rate.
+
+    The same model generates at any rate: the timestamps k/fps go into its positional encoding,
+    so a seconds-mode model keeps the motion speed (pixels per second) it learned.
+    """
+    with user_errors():
+        import json as _json
+
+        import torch
+
+        from eqm.checkpoint import load_model, resolve_checkpoint
+        from eqm.errors import EqmError
+        from eqm.generate import FORMATS, generate, parse_labels, resolve_num_frames, write_generation
+        from eqm.timebase import format_fps, parse_fps
+
+        rate = parse_fps(fps, name="--fps")
+        if fmt not in FORMATS:
+            raise EqmError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if out.exists() and not out.is_dir():
+            raise EqmError(f"--out {out} exists and is not a folder")
+        if sampler not in ("gd", "nag"):
+            raise EqmError(f"--sampler must be gd or nag, got {sampler!r}")
+        for name, v in (("--step-size", step_size), ("--momentum", momentum), ("--tol", tol)):
+            if v is not None and (v != v or v in (float("inf"), float("-inf"))):
+                raise EqmError(f"{name} must be a finite number, got {v}")
+        if steps is not None and steps < 1:
+            raise EqmError(f"--steps must be at least 1, got {steps}")
+        if step_size is not None and step_size <= 0:
+            raise EqmError(f"--step-size must be positive, got {step_size}")
+        if momentum is not None and not 0 <= momentum < 1:
+            raise EqmError(f"--momentum must be in [0, 1), got {momentum}")
+        if tol is not None and tol < 0:
+            raise EqmError(f"--tol must be >= 0, got {tol}")
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise EqmError(f"--device {device}: CUDA is not available on this machine")
+
+        path = resolve_checkpoint(ckpt, runs_root)
+        if ckpt is None:
+            err_console.print(f"using the latest checkpoint: [bold]{path}[/]", highlight=False)
+        model, state = load_model(path, use_ema=ema, device=dev)
+        if ema and not str(state["weights"]).endswith("ema.safetensors"):
+            warn(f"{path} has no EMA weights; using the raw weights")
+        class_names = list(state.get("class_names") or [])
+        T = resolve_num_frames(rate, frames, seconds, default=model.num_frames, temporal_patch=model.temporal_patch)
+        y = parse_labels(labels, model.num_classes, num_samples, class_names)
+
+        progress_cb, bar = None, None
+        if is_tty() and not json_out:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
+            task = bar.add_task("sample", total=num_samples)
+            progress_cb = lambda n: bar.update(task, completed=n)  # noqa: E731
+        try:
+            if bar is not None:
+                bar.start()
+            gen = generate(
+                model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, cfg_scale=cfg_scale,
+                method=sampler, steps=steps, step_size=step_size, momentum=momentum, tol=tol or None,
+                seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
+            )
+        finally:
+            if bar is not None:
+                bar.stop()
+        summary = write_generation(
+            gen, out, fmt=fmt, png=png, grid=grid, scale=upscale, class_names=class_names,
+            meta={"checkpoint": str(path), "step": state.get("step"), "weights": "ema" if ema else "raw",
+                  "time_mode": getattr(model, "time_mode", None)},
+        )
+        for w in summary.warnings:
+            warn(w)
+        if json_out:
+            print(_json.dumps(_json.loads(summary.manifest.read_text()), indent=2))
+            return
+        _print_summary(summary, gen, format_fps(rate), state)
+
+
+def _print_summary(summary, gen, rate: str, state) -> None:
+    from rich.table import Table
+
+    steps = gen.settings["steps"]
+    table = Table(
+        title=f"{len(summary.samples)} clips at {rate} fps, {gen.num_frames} frames ({gen.duration:.3f} s) each "
+        f"- step {state.get('step')} {gen.settings['method']}",
+        title_justify="left",
+    )
+    for col in ("file", "label", "frames", "duration", "evals", "final rms"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for w in summary.samples:
+        table.add_row(
+            str(w.path), "-" if w.label is None else str(w.label), str(w.frames), f"{w.duration:.3f} s",
+            f"{w.evals}/{steps}", f"{w.final_rms:.4f}",
+        )
+    console.print(table)
+    extra = [f"details: {summary.manifest}"]
+    if summary.grid is not None:
+        extra.append(f"grid: {summary.grid}")
+    console.print("  ".join(extra), highlight=False)

@@ -1,0 +1,199 @@
+"""`eqmctl sample`: generation at a chosen rate, written so it plays at that rate (real files, PyAV)."""
+
+import json
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eqm import checkpoint as C
+from eqm.errors import EqmError
+from eqm.generate import generate, parse_labels, resolve_num_frames, sample_noise
+from eqm.model import EqMTransformer
+from eqmctl.cli import app
+
+ARCH = dict(input_size=8, num_frames=4, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+            class_dropout_prob=0.1)
+
+
+def make_model(time_mode="seconds", seed=0, **kw):
+    """A small model with random (non-zero) weights: adaLN-Zero starts at zero output, which would
+    make every sample equal its noise whatever the rate."""
+    torch.manual_seed(seed)
+    m = EqMTransformer(**{**ARCH, "time_mode": time_mode, **kw})
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def save_run(run_dir, model, step=10, **extra):
+    return C.save_checkpoint(run_dir, step, model=model, ema=model, arch=model.arch_config(),
+                             recipe={"name": "t"}, extra=extra or None)
+
+
+def run(args):
+    r = CliRunner().invoke(app, args)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def read_back(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        rate = s.average_rate
+        pts = [float(f.pts * f.time_base) for f in c.decode(video=0)]
+    return Fraction(rate.numerator, rate.denominator), pts
+
+
+# ----------------------------------------------------------------------------- library
+
+
+def test_rate_changes_a_seconds_model_not_an_index_model():
+    """Same seed, same frame count, two rates: a seconds-mode model's sample changes (the rate
+    is in its positional encoding); an index-mode model cannot tell the rates apart."""
+    for mode, should_differ in (("seconds", True), ("index", False), ("fps-embed", True)):
+        m = make_model(mode)
+        a = generate(m, fps=12, num_frames=4, num_samples=2, seed=3, steps=5)
+        b = generate(m, fps=48, num_frames=4, num_samples=2, seed=3, steps=5)
+        diff = (a.videos - b.videos).abs().max().item()
+        if should_differ:
+            assert diff > 1e-3, mode
+        else:
+            assert diff == 0.0, mode
+        assert torch.allclose(a.timestamps, torch.arange(4) / 12.0)
+        assert torch.allclose(b.timestamps, torch.arange(4) / 48.0)
+
+
+def test_noise_per_sample_independent_of_batch_size():
+    m = make_model()
+    full = generate(m, fps=24, num_frames=4, num_samples=3, seed=5, steps=3)
+    split = generate(m, fps=24, num_frames=4, num_samples=3, seed=5, steps=3, batch_size=2)
+    assert torch.allclose(full.videos, split.videos, atol=1e-5)
+    assert torch.equal(sample_noise(2, (3, 4, 8, 8), 5), sample_noise(3, (3, 4, 8, 8), 5)[:2])
+    other = generate(m, fps=24, num_frames=4, num_samples=3, seed=6, steps=3)
+    assert not torch.allclose(full.videos, other.videos)
+
+
+def test_adaptive_stop_reports_evaluations():
+    m = make_model()
+    loose = generate(m, fps=24, num_frames=4, num_samples=3, steps=30, tol=1e9)
+    assert loose.evals.tolist() == [1, 1, 1]
+    full = generate(m, fps=24, num_frames=4, num_samples=3, steps=7, tol=None)
+    assert full.evals.tolist() == [7, 7, 7]
+
+
+def test_frames_from_seconds_and_labels():
+    assert resolve_num_frames(Fraction(60), seconds=1.0) == 60
+    assert resolve_num_frames(Fraction(30000, 1001), seconds=2.0) == 60
+    assert resolve_num_frames(Fraction(24), frames=5, temporal_patch=2) == 6
+    assert resolve_num_frames(Fraction(24), default=16) == 16
+    with pytest.raises(EqmError, match="either --frames or --seconds"):
+        resolve_num_frames(Fraction(24), frames=4, seconds=1)
+    with pytest.raises(EqmError, match="--seconds"):
+        resolve_num_frames(Fraction(24), seconds=float("nan"))
+    with pytest.raises(EqmError, match="limit"):
+        resolve_num_frames(Fraction(60), seconds=1e6)
+    assert parse_labels(None, 3, 5).tolist() == [0, 1, 2, 0, 1]
+    assert parse_labels("2,left", 3, 3, ["up", "left", "down"]).tolist() == [2, 1, 2]
+    assert parse_labels(None, 0, 2) is None
+    with pytest.raises(EqmError, match="out of range"):
+        parse_labels("3", 3, 1)
+    with pytest.raises(EqmError, match="neither"):
+        parse_labels("sideways", 3, 1, ["up", "left", "down"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    return save_run(tmp_path / "runs" / "r1", make_model(), class_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("fps", ["60", "30000/1001", "24"])
+def test_cli_mp4_plays_at_the_exact_rate(tmp_path, ckpt, fps):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", fps, "--frames", "6", "-N", "2",
+                                "--steps", "4", "--out", str(out), "--json"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    rate = Fraction(fps)
+    assert Fraction(doc["fps"]) == rate and doc["num_frames"] == 6
+    assert [s["label"] for s in doc["samples"]] == [0, 1]
+    assert all(1 <= s["evals"] <= 4 for s in doc["samples"])
+    for s in doc["samples"]:
+        got_rate, pts = read_back(out / s["file"])
+        assert got_rate == rate
+        assert len(pts) == 6
+        assert np.allclose(pts, [k / float(rate) for k in range(6)], atol=1e-4)
+        assert s["duration"] == pytest.approx(6 / float(rate), rel=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == sorted([s["file"] for s in doc["samples"]] + ["samples.json"])
+
+
+def test_cli_seconds_gif_png_grid(tmp_path, ckpt):
+    out = tmp_path / "gif"
+    code, stdout, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "24", "--seconds", "0.5", "-N", "1",
+                                "--steps", "2", "--format", "gif", "--png", "--grid", "--upscale", "2",
+                                "--labels", "c", "--out", str(out)])
+    assert code == 0, stderr
+    doc = json.loads((out / "samples.json").read_text())
+    assert doc["num_frames"] == 12 and doc["samples"][0]["label"] == 2
+    gif = out / doc["samples"][0]["file"]
+    assert gif.suffix == ".gif" and "_c_" in gif.name
+    with av.open(str(gif)) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == 12 and frames[0].width == 16  # upscaled 8 -> 16
+    pngs = sorted((out / doc["samples"][0]["png_dir"]).glob("*.png"))
+    assert len(pngs) == 12
+    assert (out / doc["grid"]).is_file()
+    assert "clips at 24 fps" in stdout
+
+
+def test_cli_gif_warns_above_50fps(tmp_path, ckpt):
+    code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "60", "--frames", "4", "-N", "2",
+                           "--steps", "1", "--format", "gif", "--out", str(tmp_path / "g")])
+    assert code == 0
+    warnings = [ln for ln in stderr.splitlines() if ln.startswith("warning")]
+    assert len(warnings) == 1 and "GIF" in warnings[0] and "60 fps" in warnings[0]
+
+
+def test_cli_latest_run_is_used_and_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_run(tmp_path / "runs" / "old", make_model(seed=1), step=5)
+    newest = save_run(tmp_path / "runs" / "new", make_model(seed=2), step=7)
+    code, _, stderr = run(["sample", "--fps", "12", "--frames", "4", "-N", "1", "--steps", "1", "--out", "o"])
+    assert code == 0, stderr
+    assert "latest checkpoint" in stderr and str(newest.relative_to(tmp_path)) in stderr.replace("\n", "")
+    assert json.loads((tmp_path / "o" / "samples.json").read_text())["step"] == 7
+
+
+@pytest.mark.parametrize("fps", ["0", "-24", "nan", "inf", "1e9", "abc"])
+def test_cli_bad_fps_one_line(tmp_path, ckpt, fps):
+    out = tmp_path / "o"
+    code, stdout, stderr = run(["sample", "--ckpt", str(ckpt), f"--fps={fps}", "--out", str(out)])
+    assert code == 2
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and "fps" in lines[0]
+    assert "Traceback" not in stderr and not out.exists()
+
+
+def test_cli_bad_checkpoints(tmp_path, ckpt):
+    out = tmp_path / "o"
+    code, _, stderr = run(["sample", "--ckpt", str(tmp_path / "nope"), "--fps", "24", "--out", str(out)])
+    assert code == 2 and "not found" in stderr and "nope" in stderr and not out.exists()
+
+    # a checkpoint whose weights belong to another architecture
+    other = make_model(hidden_size=64)
+    bad = C.save_checkpoint(tmp_path / "bad", 1, model=other, arch=make_model().arch_config(), recipe={})
+    code, _, stderr = run(["sample", "--ckpt", str(bad), "--fps", "24", "--raw", "--out", str(out)])
+    assert code == 2 and "do not match the model architecture" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+
+    code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "24", "--labels", "7", "--out", str(out)])
+    assert code == 2 and "out of range" in stderr and not out.exists()
+    code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "24", "--format", "avi", "--out", str(out)])
+    assert code == 2 and "--format" in stderr
