@@ -33,6 +33,9 @@ app.command("sample")(_sample.sample)
 from eqmctl.commands import inspect_embed as _inspect_embed  # noqa: E402
 
 app.command("inspect-embed")(_inspect_embed.inspect_embed)
+from eqmctl.commands import retime as _retime  # noqa: E402
+
+app.command("retime")(_retime.retime)
 # --- end of command registration ----------------------------------------------------------
 
 

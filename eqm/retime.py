@@ -1,0 +1,654 @@
+"""Change the frame rate of an existing video: resample, speed change, or model in-betweens.
+
+Three modes (``eqmctl retime``, issue 7):
+
+``resample``  New rate, same duration, same real motion speed.  Output frame k is shown at
+    t_k = k / fps_out and gets the input frame whose presentation time is nearest (ties go to the
+    earlier frame, the one on screen at that instant); with ``blend`` it is the linear blend of
+    the two input frames around t_k, weighted by time.  The input duration is n / fps for a
+    constant-rate file (exact, as fractions) and, for a variable-rate file, the real span of its
+    frames: last pts + the last frame's display time (the container's packet duration, read by
+    :func:`eqm.video.probe.probe_file`).  Output frames: round(duration * fps_out).
+
+``speed``  The same frames played at the new rate: the duration scales by fps_in / fps_out and
+    motion speeds up or slows down by the same factor (what people do today with
+    ``ffmpeg -r``).  A variable-rate input becomes constant-rate (its irregular timing is
+    replaced by 1 / fps_out per frame; a notice says so).
+
+``model``  The time-aware model generates new frames at the new timestamps with the original
+    frames clamped (EqM conditional sampling, SPEC section 2): 15 fps becomes 60 fps with three
+    synthesized frames between every pair of originals.  Design choices:
+
+    * Output slots are k / fps_out; original frame i goes to slot round(pts_i * fps_out).  For a
+      constant-rate input every original must land exactly on a slot (within 1 % of a slot), so
+      fps_out must be a whole multiple of the input rate; anything else is an error that
+      suggests the nearest multiples and ``--mode resample``.  Snapping a constant-rate input
+      to a non-multiple grid would move every original by up to half an output frame and make
+      the motion judder -- the opposite of what the mode is for.  A variable-rate input has no
+      grid that fits, so its originals are snapped to the nearest slot and a notice gives the
+      largest shift.  Two originals on one slot is always an error (the new rate is too low).
+    * The model sees clips of ``window`` output frames (default: its training length
+      ``model.num_frames``).  Each window starts at an original frame and must contain the next
+      one, so every in-between is generated with originals on both sides; the window's
+      in-betweens are kept only up to the last original inside it and the next window starts
+      there, so consecutive windows share a clamped original and never overlap in generated
+      frames.  All such windows depend only on originals and are sampled as one batch.  A tail
+      after the last original longer than a window (a long last frame of a VFR file) is
+      extrapolated by further windows that overlap the previous one by half a window, whose
+      frames are clamped -- these run one after another.
+    * Every window has the clip-relative timestamps k / fps_out (k = 0 .. window-1, first frame
+      at 0, the convention of training clips).
+    * Frames are resized to the model's resolution going in (bilinear, antialiased; the aspect
+      ratio is not preserved, the model has one fixed size) and generated frames are resized
+      back to the video's size.  The ORIGINAL frames in the output are the decoded input frames
+      themselves, never the model's resized copies: retime must not degrade what was there.
+    * Noise for window i comes from its own generator seeded by (seed, i)
+      (:func:`eqm.generate.sample_noise`), so the result does not depend on the batch size.
+
+Audio is not carried over (a notice says so).  Outputs are written atomically by
+:func:`eqm.video.io.write_video`, whose suffix picks the format (.mp4 / .mkv exact rate, .gif).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import EqmError
+from .timebase import format_fps, is_variable_rate, parse_fps
+
+MODES = ("resample", "speed", "model")
+
+#: Refuse outputs whose decoded frames would need more memory than this: retime holds the whole
+#: output in memory before encoding, and a typo like --fps 6000 on a long 4K file should be an
+#: error, not an out-of-memory kill.
+MAX_OUTPUT_BYTES = 8 * 1024**3
+
+#: A constant-rate original counts as "on" an output slot when it is within this fraction of a
+#: slot of it (container time bases round pts; 1 % is far above that rounding and far below
+#: anything a viewer would see).
+SLOT_TOLERANCE = 0.01
+
+#: Output times within this many seconds of a frame's pts count as exactly on it (float rounding
+#: of k / fps against container time bases; a microsecond is far below any frame period).
+_TIME_EPS = 1e-6
+
+
+# =============================================================================================
+# Results
+# =============================================================================================
+
+
+@dataclass
+class RetimeResult:
+    """What :func:`retime_video` wrote.
+
+    fps_in: the input's declared (average) rate, None when the file declares none; vfr_in: the
+    input's frame times are irregular.  duration_in / duration_out in seconds; frames_out and
+    duration_out are what the writer stored (a GIF can drop 0-cs frames).  generated: frames
+    synthesized by the model (model mode); windows / evals: sampler windows and the model
+    evaluations each used.  notices: things the user should know (audio dropped, snapping, ...).
+    """
+
+    path: Path
+    mode: str
+    fps_in: Optional[Fraction]
+    fps_out: Fraction
+    frames_in: int
+    frames_out: int
+    duration_in: float
+    duration_out: float
+    notices: list = field(default_factory=list)
+    vfr_in: bool = False
+    generated: int = 0
+    windows: int = 0
+    evals: list = field(default_factory=list)
+
+
+@dataclass
+class Interpolation:
+    """Output of :func:`interpolate_frames`.
+
+    frames: uint8 (n_out, H, W, 3) at the input's size; times: (n_out,) seconds, k / fps;
+    source: (n_out,) index of the original frame placed in each slot, -1 for generated frames;
+    evals: model evaluations used by each window; notices: snapping and similar remarks.
+    """
+
+    frames: np.ndarray
+    times: np.ndarray
+    source: np.ndarray
+    evals: list
+    windows: list
+    notices: list = field(default_factory=list)
+
+    @property
+    def known(self) -> np.ndarray:
+        return self.source >= 0
+
+    @property
+    def generated(self) -> int:
+        return int((self.source < 0).sum())
+
+
+# =============================================================================================
+# Timing helpers (pure)
+# =============================================================================================
+
+
+def output_times(num_frames: int, fps) -> np.ndarray:
+    """t_k = k / fps seconds for k = 0 .. num_frames - 1, float64 (k * den / num, exact for NTSC)."""
+    fps = _rate(fps)
+    return np.arange(int(num_frames), dtype=np.float64) * (fps.denominator / fps.numerator)
+
+
+def output_frame_count(duration, fps) -> int:
+    """Frames covering ``duration`` seconds at ``fps``: round(duration * fps), at least 1.
+
+    ``duration`` may be a Fraction (exact for constant-rate inputs: n / fps_in); halves round up.
+    """
+    d = duration if isinstance(duration, Fraction) else Fraction(float(duration)).limit_denominator(10**6)
+    if d <= 0:
+        raise EqmError(f"duration must be positive, got {float(d)} s")
+    return max(1, math.floor(d * _rate(fps) + Fraction(1, 2)))
+
+
+def video_duration(pts, fps=None, *, last_duration: Optional[float] = None):
+    """Playing time of a video whose frames are shown at ``pts`` (seconds from the first frame).
+
+    Constant rate (regular pts and a declared ``fps`` that matches them): exactly n / fps, as a
+    Fraction.  Otherwise (variable rate): pts[-1] + the last frame's display time, which is
+    ``last_duration`` when known (the container's packet duration), else 1 / fps, else the last
+    gap between frames.  Returns (duration, vfr).
+    """
+    pts = np.asarray(pts, dtype=np.float64)
+    n = int(pts.shape[0])
+    if n == 0:
+        raise EqmError("a video needs at least one frame")
+    vfr = is_variable_rate(pts)
+    rate = Fraction(fps) if fps else None
+    if rate is not None and not vfr and abs(pts[-1] - (n - 1) / float(rate)) <= 0.5 / float(rate):
+        return Fraction(n) / rate, False
+    if last_duration is not None and last_duration > 0:
+        tail = float(last_duration)
+    elif rate is not None:
+        tail = 1.0 / float(rate)
+    elif n > 1:
+        tail = float(pts[-1] - pts[-2])
+    else:
+        raise EqmError("cannot tell how long a single frame without a frame rate lasts")
+    return float(pts[-1]) + tail, vfr
+
+
+def resample_indices(pts, times, *, blend: bool = False):
+    """For each output time, the input frames it is made of.
+
+    Returns (i0, i1, w): output = (1 - w) * frame[i0] + w * frame[i1].  Without blending i0 == i1
+    is the frame whose pts is nearest (ties go to the earlier one, which is on screen at that
+    instant) and w = 0.  With blending i0 is the frame on screen at t (last pts <= t), i1 the next
+    one and w = (t - pts[i0]) / (pts[i1] - pts[i0]).  Times after the last frame hold it; times
+    within a microsecond of a pts count as exactly on it.
+    """
+    pts = np.asarray(pts, dtype=np.float64)
+    times = np.asarray(times, dtype=np.float64)
+    n = pts.shape[0]
+    if n == 0:
+        raise EqmError("cannot resample a video without frames")
+    if n > 1 and np.any(np.diff(pts) <= 0):
+        raise EqmError("frame times must be strictly increasing")
+    j = np.clip(np.searchsorted(pts, times + _TIME_EPS, side="right") - 1, 0, n - 1)
+    nxt = np.minimum(j + 1, n - 1)
+    gap = pts[nxt] - pts[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(gap > 0, (times - pts[j]) / np.where(gap > 0, gap, 1.0), 0.0)
+    w = np.clip(w, 0.0, 1.0)
+    if blend:
+        return j, nxt, w
+    nearest = np.where(w > 0.5, nxt, j)
+    return nearest, nearest, np.zeros_like(w)
+
+
+def resample_frames(frames: np.ndarray, pts, fps, *, duration=None, blend: bool = False):
+    """Resample uint8 frames (T, H, W, 3) shown at ``pts`` to ``fps`` over the same duration.
+
+    duration: seconds (or an exact Fraction) the input plays; default :func:`video_duration`
+    without a declared rate (pts[-1] + the last gap).  Returns (frames_out uint8 (n, H, W, 3),
+    times (n,) float64 = k / fps) with n = round(duration * fps).
+    """
+    frames = _check_frames(frames)
+    pts = np.asarray(pts, dtype=np.float64)
+    if pts.shape != (frames.shape[0],):
+        raise EqmError(f"need one pts per frame: {frames.shape[0]} frames, pts shape {tuple(pts.shape)}")
+    fps = _rate(fps)
+    if duration is None:
+        duration, _ = video_duration(pts, None, last_duration=None if len(pts) > 1 else 1.0 / float(fps))
+    n = output_frame_count(duration, fps)
+    _check_memory(n, frames.shape[1:])
+    times = output_times(n, fps)
+    i0, i1, w = resample_indices(pts, times, blend=blend)
+    if not blend:
+        return frames[i0], times
+    out = np.empty((n, *frames.shape[1:]), dtype=np.uint8)
+    for a in range(0, n, 64):  # chunks: a float copy of a whole long video would not fit in memory
+        b = min(n, a + 64)
+        ww = w[a:b, None, None, None].astype(np.float32)
+        mix = (1.0 - ww) * frames[i0[a:b]].astype(np.float32) + ww * frames[i1[a:b]].astype(np.float32)
+        out[a:b] = np.clip(np.rint(mix), 0, 255).astype(np.uint8)
+    return out, times
+
+
+def model_slots(pts, fps_out, *, vfr: bool, fps_in=None):
+    """Output slot of every original frame for model mode, and notices.
+
+    Slot i = round(pts_i * fps_out).  A constant-rate input must land on the grid (see the module
+    docstring): otherwise an EqmError suggests whole multiples of its rate.  A variable-rate input
+    is snapped, with a notice giving the largest shift.  Originals sharing a slot are an error.
+    """
+    pts = np.asarray(pts, dtype=np.float64)
+    fps_out = _rate(fps_out)
+    pos = pts * float(fps_out)
+    slots = np.rint(pos).astype(np.int64)
+    off = np.abs(pos - slots)
+    # Collisions first: a lower rate is the commonest cause and deserves the clearer message.
+    if len(slots) > 1 and np.any(np.diff(slots) <= 0):
+        where = int(np.nonzero(np.diff(slots) <= 0)[0][0])
+        raise EqmError(
+            f"--mode model adds frames, it cannot drop any: at {format_fps(fps_out)} fps original frames "
+            f"{where} and {where + 1} ({pts[where]:.4f} s, {pts[where + 1]:.4f} s) fall on the same output frame; "
+            "use a higher --fps, or --mode resample to lower the rate"
+        )
+    notices = []
+    if off.max(initial=0.0) > SLOT_TOLERANCE:
+        if not vfr:
+            rate = Fraction(fps_in) if fps_in else None
+            if rate is None and len(pts) > 1:
+                rate = Fraction(1 / float(np.median(np.diff(pts)))).limit_denominator(1001)
+            hint = ""
+            if rate:
+                k = max(1, math.floor(fps_out / rate))
+                hint = f" (e.g. {format_fps(rate * k)} or {format_fps(rate * (k + 1))})"
+            src = format_fps(rate) if rate else "the input rate"
+            raise EqmError(
+                f"--mode model keeps every original frame, so --fps must be a whole multiple of the input rate "
+                f"{src}{hint}; use --mode resample for {format_fps(fps_out)} fps"
+            )
+        shift_ms = off.max() / float(fps_out) * 1000
+        notices.append(
+            f"variable-rate input: original frames moved to the nearest output frame time at {format_fps(fps_out)} fps "
+            f"(largest shift {shift_ms:.1f} ms)"
+        )
+    return slots, notices
+
+
+def slot_done_all(slots, start: int, stop: int) -> bool:
+    """True when every output slot in [start, stop) holds an original frame."""
+    return bool(np.isin(np.arange(start, stop), slots).all())
+
+
+@dataclass
+class Window:
+    """One model call: output slots [start, start + length); generated frames in [start, stop)
+    are kept.  chained: its clamped frames include frames generated by an earlier window."""
+
+    start: int
+    stop: int
+    chained: bool = False
+
+
+def plan_windows(slots, num_out: int, length: int) -> list:
+    """Windows covering num_out output slots, given the slots of the originals (slots[0] == 0).
+
+    See the module docstring: anchored windows start at an original and keep their in-betweens
+    up to the last original inside them; a tail beyond the last original that one window cannot
+    reach is covered by chained windows overlapping the previous one by half a window.
+    """
+    slots = np.asarray(slots, dtype=np.int64)
+    if length < 2:
+        raise EqmError(f"--window must be at least 2 frames, got {length}")
+    if slots.size == 0 or slots[0] != 0:
+        raise EqmError("the first original frame must sit on output slot 0")
+    gaps = np.diff(slots)
+    if gaps.size and gaps.max() >= length:
+        g = int(gaps.max())
+        raise EqmError(
+            f"--window {length} is too short: original frames are {g} output frames apart, so a window needs "
+            f"at least {g + 1} frames to hold two of them (raise --window or lower --fps)"
+        )
+    wins: list[Window] = []
+    s = 0
+    while True:
+        if s + length >= num_out:
+            wins.append(Window(s, num_out))
+            return wins
+        inside = slots[(slots > s) & (slots < s + length)]
+        if inside.size == 0:
+            break  # beyond the last original: the tail needs chained windows
+        wins.append(Window(s, int(inside[-1])))
+        s = int(inside[-1])
+    # Tail: the first window from the last original keeps everything it generates; each further
+    # window overlaps the previous one by half a window of clamped (generated) frames.
+    wins.append(Window(s, s + length))
+    overlap = max(1, length // 2)
+    covered = s + length
+    while covered < num_out:
+        start = covered - overlap
+        wins.append(Window(start, min(num_out, start + length), chained=True))
+        covered = start + length
+    return wins
+
+
+# =============================================================================================
+# Model mode
+# =============================================================================================
+
+
+def _resize(x, size):
+    """(N, C, h, w) float -> (N, C, H, W): bilinear with antialiasing (identity at equal size)."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def interpolate_frames(
+    model,
+    frames: np.ndarray,
+    pts,
+    fps,
+    *,
+    duration=None,
+    vfr: Optional[bool] = None,
+    fps_in=None,
+    window: Optional[int] = None,
+    label: Optional[int] = None,
+    method: str = "gd",
+    steps: Optional[int] = None,
+    step_size: Optional[float] = None,
+    momentum: Optional[float] = None,
+    tol: Optional[float] = None,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Interpolation:
+    """Raise the frame rate of uint8 frames (T, H, W, 3) shown at ``pts`` to ``fps`` with the model.
+
+    The original frames are placed unchanged in their output slots (``frames[i]`` is bit-identical
+    in the result); the other slots are generated by :func:`eqm.sampler.sample` with the
+    originals clamped.  duration: seconds the input plays (default: :func:`video_duration`).
+    vfr: whether pts are irregular (default: detected).  fps_in: the declared input rate (for
+    the error message when a constant-rate input does not fit the new grid).  window: output
+    frames per model call (default model.num_frames, widened with a notice when originals are
+    further apart; a multiple of the model's temporal patch).  label: class id for a
+    class-conditional model (None: the null label, i.e. unconditional).  Sampler options as in
+    :func:`eqm.sampler.sample`.  progress(done, total) is called after each window batch.
+    """
+    import torch
+
+    from .generate import _autocast, sample_noise
+    from .sampler import sample
+    from .timebase import uniform_timestamps
+    from .video.io import from_uint8, to_uint8
+
+    frames = _check_frames(frames)
+    pts = np.asarray(pts, dtype=np.float64)
+    if pts.shape != (frames.shape[0],):
+        raise EqmError(f"need one pts per frame: {frames.shape[0]} frames, pts shape {tuple(pts.shape)}")
+    fps = _rate(fps)
+    if model.in_channels != 3:
+        raise EqmError(
+            f"--mode model needs a pixel-space RGB model (3 input channels); this checkpoint has {model.in_channels}"
+        )
+    tp = int(getattr(model, "temporal_patch", 1))
+    if window is not None and (isinstance(window, bool) or int(window) != window):
+        raise EqmError(f"--window must be a whole number of frames, got {window!r}")
+    L = int(model.num_frames if window is None else window)
+    if L < 2:
+        raise EqmError(f"--window must be at least 2 frames, got {L}")
+    if L % tp:
+        raise EqmError(f"--window {L} must be a multiple of the model's temporal patch ({tp} frames)")
+    if label is not None:
+        if model.num_classes <= 0:
+            raise EqmError("--label given but the model was trained without classes")
+        if not 0 <= int(label) < model.num_classes:
+            raise EqmError(
+                f"--label {label} is out of range: the model has {model.num_classes} classes (0..{model.num_classes - 1})"
+            )
+    if batch_size is not None and batch_size < 1:
+        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
+
+    if vfr is None:
+        vfr = is_variable_rate(pts)
+    if duration is None:
+        duration, _ = video_duration(pts, fps_in)
+    slots, notices = model_slots(pts, fps, vfr=vfr, fps_in=fps_in)
+    n_out = max(output_frame_count(duration, fps), int(slots[-1]) + 1)
+    H, W = frames.shape[1:3]
+    _check_memory(n_out, frames.shape[1:])
+    if getattr(model, "time_mode", "seconds") == "index":
+        notices.append(
+            "this model numbers frames by index (time_mode=index): it cannot see the new rate, so its in-betweens "
+            "move at the speed of its training clips"
+        )
+
+    if window is None:
+        # The default window is the model's clip length; when originals are further apart than
+        # that (high ratios, VFR gaps) widen it just enough to hold two of them, rather than fail:
+        # the positional encoding takes any length, only quality away from the training length
+        # is uncertain, so say so.  An explicit --window is taken as given (plan_windows errors).
+        gap = int(np.diff(slots).max(initial=0))
+        need = -(-(gap + 1) // tp) * tp
+        if need > L:
+            notices.append(
+                f"originals are {gap} output frames apart: model windows widened to {need} frames "
+                f"(the model was trained on {L}-frame clips)"
+            )
+            L = need
+    wins = plan_windows(slots, n_out, L)
+    # A window with nothing to generate (fps_out == the input rate) would only burn compute.
+    wins = [w for w in wins if w.chained or not slot_done_all(slots, w.start, min(w.stop, n_out))]
+    if not wins:
+        notices.append(f"the input already has a frame at every output time at {format_fps(fps)} fps: nothing to generate")
+    n_total = max([n_out] + [w.start + L for w in wins])  # windows may run past the end: extra slots are discarded
+    h, w_ = model.input_size
+    device = next(model.parameters()).device
+
+    # Model-resolution values of every decided slot (originals resized, then generated frames),
+    # the source of each window's clamped frames.
+    buf = torch.zeros((n_total, 3, h, w_), dtype=torch.float32)
+    done = np.zeros(n_total, dtype=bool)
+    for a in range(0, len(slots), 64):  # chunks: the float copy of a whole video at full size is big
+        chunk = from_uint8(frames[a : a + 64]).permute(1, 0, 2, 3)  # (N, 3, H, W)
+        buf[slots[a : a + 64]] = _resize(chunk, (h, w_)).clamp(-1, 1)
+    done[slots] = True
+
+    source = np.full(n_out, -1, dtype=np.int64)
+    source[slots] = np.arange(len(slots))
+    out = np.empty((n_out, H, W, 3), dtype=np.uint8)
+    out[slots] = frames
+
+    ts = uniform_timestamps(L, fps, dtype=torch.float32).to(device)
+    noise = sample_noise(len(wins), (3, L, h, w_), seed)
+    y_all = None if label is None else torch.full((len(wins),), int(label), dtype=torch.long)
+    evals = [0] * len(wins)
+    anchored = [i for i, win in enumerate(wins) if not win.chained]
+    chained = [i for i, win in enumerate(wins) if win.chained]
+    bs = max(1, len(anchored)) if batch_size is None else batch_size
+    # Anchored windows depend only on originals: batch them.  Chained windows depend on the one
+    # before, so they go one at a time.
+    groups = [anchored[i : i + bs] for i in range(0, len(anchored), bs)] + [[i] for i in chained]
+    finished = 0
+    for group in groups:
+        known = torch.stack([buf[wins[i].start : wins[i].start + L] for i in group]).permute(0, 2, 1, 3, 4)
+        mask = torch.from_numpy(np.stack([done[wins[i].start : wins[i].start + L] for i in group]))
+        n = len(group)
+        y = None if y_all is None else y_all[group].to(device)
+        with _autocast(device, dtype):
+            res = sample(
+                model, noise[group].to(device), ts.expand(n, -1), y, method=method, steps=steps,
+                step_size=step_size, momentum=momentum, tol=tol, known=known.to(device), known_mask=mask.to(device),
+            )
+        x = res.x.float().cpu()
+        if not torch.isfinite(x).all():
+            raise EqmError(
+                f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size", exit_code=1
+            )
+        x = x.clamp(-1, 1)
+        for b, i in enumerate(group):
+            win = wins[i]
+            evals[i] = int(res.evals[b])
+            keep = [k for k in range(win.start, win.stop) if k < n_out and not done[k]]
+            if not keep:
+                continue
+            rel = torch.tensor([k - win.start for k in keep])
+            gen = x[b][:, rel]  # (3, K, h, w) model resolution
+            buf[keep] = gen.permute(1, 0, 2, 3)
+            done[keep] = True
+            full = _resize(gen.permute(1, 0, 2, 3), (H, W)).clamp(-1, 1)  # back to the video's size
+            out[keep] = to_uint8(full.permute(1, 0, 2, 3))
+        finished += n
+        if progress is not None:
+            progress(finished, len(wins))
+    if not done[:n_out].all():  # a planning bug, never a user error: fail loudly
+        raise RuntimeError(f"retime left {int((~done[:n_out]).sum())} output frames ungenerated")
+    return Interpolation(
+        frames=out, times=output_times(n_out, fps), source=source, evals=evals, windows=wins, notices=notices,
+    )
+
+
+# =============================================================================================
+# Files
+# =============================================================================================
+
+
+def check_paths(src, dst) -> tuple[Path, Path]:
+    """Validate the output path before any work: known suffix, not the input file, not a folder."""
+    from .video.io import WRITE_FORMATS
+
+    s, d = Path(src), Path(dst)
+    if d.suffix.lower() not in WRITE_FORMATS:
+        raise EqmError(f"--out {d}: unknown video format {d.suffix or '(no suffix)'!r}; use one of {', '.join(WRITE_FORMATS)}")
+    if d.is_dir():
+        raise EqmError(f"--out {d} is a folder; give a file name like {d / (s.stem + '_retimed.mp4')}")
+    same = s.resolve() == d.resolve()
+    if not same and s.exists() and d.exists():
+        try:
+            same = os.path.samefile(s, d)
+        except OSError:
+            same = False
+    if same:
+        raise EqmError(f"--out {d} is the input file; retime never overwrites its input, choose another name")
+    return s, d
+
+
+def retime_video(
+    src,
+    dst,
+    fps,
+    mode: str = "resample",
+    *,
+    blend: bool = False,
+    model=None,
+    crf: float = 18,
+    codec: Optional[str] = None,
+    window: Optional[int] = None,
+    label: Optional[int] = None,
+    method: str = "gd",
+    steps: Optional[int] = None,
+    step_size: Optional[float] = None,
+    momentum: Optional[float] = None,
+    tol: Optional[float] = None,
+    seed: int = 0,
+    batch_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> RetimeResult:
+    """Read ``src`` (any file PyAV decodes), change its rate to ``fps`` by ``mode`` and write ``dst``.
+
+    mode: "resample" (``blend`` for linear blending), "speed", or "model" (needs ``model``, an
+    EqMTransformer; window / label / sampler options go to :func:`interpolate_frames`).
+    The output format follows dst's suffix (.mp4 / .mkv / .gif); crf / codec go to the writer.
+    Audio is dropped with a notice.  Raises EqmError (exit code 2) for bad input before writing
+    anything; the output is written atomically.
+    """
+    from .video.io import read_video, write_video
+
+    if mode not in MODES:
+        raise EqmError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    fps_out = parse_fps(fps, name="--fps")
+    if mode == "model" and model is None:
+        raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH")
+    src, dst = check_paths(src, dst)
+
+    video = read_video(src)
+    n_in = int(video.frames.shape[0])
+    notices: list[str] = []
+    if video.has_audio:
+        notices.append(f"{src.name} has an audio track; retime writes video only, so the audio was dropped")
+    last = None
+    if is_variable_rate(video.pts):
+        from .video.probe import probe_file  # the last frame's real display time (packet duration)
+
+        pr = probe_file(src)
+        if pr.status == "ok" and pr.duration and pr.duration > video.pts[-1]:
+            last = pr.duration - float(video.pts[-1])
+    duration_in, vfr = video_duration(video.pts, video.fps, last_duration=last)
+    fps_in = video.fps
+
+    generated, windows, evals = 0, 0, []
+    if mode == "resample":
+        out, _ = resample_frames(video.frames, video.pts, fps_out, duration=duration_in, blend=blend)
+    elif mode == "speed":
+        out = video.frames
+        if vfr:
+            notices.append(
+                f"variable-rate input: its irregular frame times are replaced by a constant {format_fps(fps_out)} fps"
+            )
+    else:
+        res = interpolate_frames(
+            model, video.frames, video.pts, fps_out, duration=duration_in, vfr=vfr, fps_in=fps_in, window=window,
+            label=label, method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol, seed=seed,
+            batch_size=batch_size, dtype=dtype, progress=progress,
+        )
+        out = res.frames
+        notices.extend(res.notices)
+        generated, windows, evals = res.generated, len(res.windows), res.evals
+
+    written = write_video(dst, out, fps_out, codec=codec, crf=crf)
+    notices.extend(written.warnings)
+    return RetimeResult(
+        path=Path(written.path), mode=mode, fps_in=fps_in, fps_out=written.fps, frames_in=n_in,
+        frames_out=written.num_frames, duration_in=float(duration_in), duration_out=float(written.duration),
+        notices=notices, vfr_in=vfr, generated=generated, windows=windows, evals=evals,
+    )
+
+
+# =============================================================================================
+# Small checks
+# =============================================================================================
+
+
+def _rate(fps) -> Fraction:
+    return fps if isinstance(fps, Fraction) and fps > 0 else parse_fps(fps)
+
+
+def _check_frames(frames) -> np.ndarray:
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
+        raise EqmError(f"frames must be uint8 with shape (T, H, W, 3) and T >= 1, got {arr.dtype} {tuple(arr.shape)}")
+    return arr
+
+
+def _check_memory(n: int, frame_shape) -> None:
+    need = int(n) * int(np.prod(frame_shape))
+    if need > MAX_OUTPUT_BYTES:
+        raise EqmError(
+            f"the output would be {n} frames of {frame_shape[1]}x{frame_shape[0]} ({need / 1024**3:.1f} GiB decoded); "
+            f"retime holds a video in memory, the limit is {MAX_OUTPUT_BYTES / 1024**3:.0f} GiB: cut the input or lower --fps"
+        )
