@@ -27,6 +27,9 @@ def _root() -> None:
 from eqmctl.commands import probe as _probe  # noqa: E402
 
 app.command("probe-fps")(_probe.probe_fps)
+from eqmctl.commands import train as _train  # noqa: E402
+
+app.command("train")(_train.train)
 from eqmctl.commands import sample as _sample  # noqa: E402
 
 app.command("sample")(_sample.sample)

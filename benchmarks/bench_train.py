@@ -1,0 +1,173 @@
+"""Training throughput of our EqM transformer, side by side with a reference DiT, as ratios.
+
+What is compared (one training step = EqM loss forward, backward, AdamW step, same batch):
+
+1. ``reference``: the DiT of Hugging Face diffusers (``diffusers.DiTTransformer2DModel``, the
+   architecture family the official EqM/SiT image model comes from: patch embedding, adaLN-Zero
+   blocks conditioned on timestep + class embeddings, final adaLN layer), configured like ours
+   (width, depth, heads, patch, channels, classes).  The official EqM ``models.py`` cannot be
+   installed or downloaded here, so this PyPI implementation stands in for it; it is fed
+   timestep 0, as EqM does.  Skipped, with a note, when diffusers is not installed
+   (``pip install diffusers``).
+2. ``ours image``: our EqMTransformer on images (B, C, H, W): the image path (T = 1).
+3. ``ours video``: our EqMTransformer on clips (B, C, T, H/k, W/k) with real timestamps
+   (k = sqrt(T)), i.e. the same number of tokens per sample as the image run, so the ratio
+   to the image path shows the cost of the video machinery (time-aware positions per sample,
+   per-frame patch embedding, 3D unpatchify) rather than of longer sequences.
+4. ``ours video rope``: the same with 3D RoPE instead of additive sin/cos.
+
+Printed: samples/s of each (median of ``--repeats`` timed blocks after warm-up) and the ratios
+ours-image / reference, ours-video / ours-image, ours-video / reference.  CPU by default and
+small (a few tens of seconds on 2 cores); ``--device cuda`` for a GPU.  Numbers on a shared CPU
+are noisy: compare ratios from one invocation, not across machines.
+
+    python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --hidden 384 --depth 12 --heads 6 --size 32 --batch 32 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from eqm.model import EqMTransformer
+from eqm.objective import eqm_loss
+
+
+class _ReferenceDiT(torch.nn.Module):
+    """diffusers DiT behind our model's call signature (timestep fixed to 0, as EqM does)."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, timestamps=None, y=None, *, pos=None):
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.dit(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+def reference_model(args):
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:
+        return None
+    dit = DiTTransformer2DModel(
+        num_attention_heads=args.heads, attention_head_dim=args.hidden // args.heads, in_channels=args.channels,
+        out_channels=args.channels, num_layers=args.depth, sample_size=args.size, patch_size=args.patch,
+        num_embeds_ada_norm=args.classes, norm_type="ada_norm_zero",
+    )
+    return _ReferenceDiT(dit)
+
+
+def ours(args, frames: int, size: int, pos: str = "sincos"):
+    return EqMTransformer(
+        input_size=size, in_channels=args.channels, num_frames=frames, patch_size=args.patch,
+        hidden_size=args.hidden, depth=args.depth, num_heads=args.heads, num_classes=args.classes, pos=pos,
+    )
+
+
+def throughput(model, x, ts, y, args) -> float:
+    """Median training samples/s over args.repeats blocks of args.iters steps."""
+    device = torch.device(args.device)
+    model = model.to(device).train()
+    x, y = x.to(device), y.to(device)
+    ts = None if ts is None else ts.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        loss, _ = eqm_loss(model, x, ts, y, generator=gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync()
+        rates.append(args.iters * x.shape[0] / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--patch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=16, help="image side; clips use size/sqrt(frames)")
+    ap.add_argument("--frames", type=int, default=4, help="clip length (a perfect square: equal tokens)")
+    ap.add_argument("--channels", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    k = int(round(args.frames ** 0.5))
+    if k * k != args.frames or args.size % (k * args.patch):
+        ap.error("--frames must be a perfect square k*k and --size divisible by k*patch (equal tokens)")
+    clip = args.size // k
+    tokens = (args.size // args.patch) ** 2
+    torch.manual_seed(0)
+    B = args.batch
+    y = torch.randint(0, args.classes, (B,))
+    img = torch.randn(B, args.channels, args.size, args.size)
+    vid = torch.randn(B, args.channels, args.frames, clip, clip)
+    fps = torch.tensor([8.0, 12.0, 24.0, 30.0]).repeat(B)[:B]  # mixed rates in one batch
+    ts = torch.arange(args.frames).float()[None] / fps[:, None]
+
+    print(f"config: hidden {args.hidden}, depth {args.depth}, heads {args.heads}, patch {args.patch}, "
+          f"{args.channels} channels, batch {B}, {tokens} tokens per sample, device {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    ref = reference_model(args)
+    if ref is not None:
+        torch.manual_seed(0)
+        n = sum(p.numel() for p in ref.parameters())
+        rows.append(("reference DiT (diffusers) image", n, throughput(ref, img, None, y, args)))
+    else:
+        print("note: diffusers is not installed; the reference column is skipped (pip install diffusers)")
+    for name, model, x, t in (
+        (f"ours image {args.size}x{args.size}", ours(args, 1, args.size), img, None),
+        (f"ours video {args.frames}x{clip}x{clip} sincos", ours(args, args.frames, clip), vid, ts),
+        (f"ours video {args.frames}x{clip}x{clip} rope", ours(args, args.frames, clip, "rope"), vid, ts),
+    ):
+        n = sum(p.numel() for p in model.parameters())
+        rows.append((name, n, throughput(model, x, t, y, args)))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'model':<{width}}  {'params':>10}  {'samples/s':>10}")
+    for name, n, sps in rows:
+        print(f"{name:<{width}}  {n:>10,}  {sps:>10.1f}")
+
+    img_sps = rows[-3][2]
+    vid_sps = rows[-2][2]
+    rope_sps = rows[-1][2]
+    print("ratios (higher = ours faster):")
+    if ref is not None:
+        ref_sps = rows[0][2]
+        print(f"  ours image / reference DiT         {img_sps / ref_sps:.3f}")
+        print(f"  ours video / reference DiT         {vid_sps / ref_sps:.3f}   (equal tokens per sample)")
+    print(f"  ours video / ours image            {vid_sps / img_sps:.3f}   (equal tokens per sample)")
+    print(f"  ours video rope / ours video sincos {rope_sps / vid_sps:.3f}")
+
+
+
+if __name__ == "__main__":
+    main()

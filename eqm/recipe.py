@@ -1,0 +1,573 @@
+"""Training recipes: a typed, documented schema loaded from YAML, with ``key.sub=value`` overrides.
+
+A recipe is data (torchtune style): one YAML file in ``recipes/`` describes the model, the
+objective, the data, the optimisation, the sampler defaults and the tracker.  Every field below
+is a dataclass field with a type and a one-line doc (``metadata["doc"]``); ``eqmctl train
+--schema`` prints them all.  Loading is strict (LTX-Video-Trainer style):
+
+* an unknown key anywhere is an error that names the dotted key and suggests a close match;
+* a value of the wrong type is an error naming the key, the expected type and what was found;
+* impossible values (negative learning rates, fps_min > fps_max, a patch that does not divide
+  the frame size, ...) are errors naming the key.
+
+All of them are :class:`eqm.errors.EqmError` with one line of text (exit code 2 in the CLI).
+
+Overrides ``train.lr=3e-4 model.time.mode=index`` are applied on top of the file before
+validation; each value is parsed as a YAML scalar (``null``, ``true``, ``1e-4``, ``[a, b]``) and
+then type-checked like a value in the file.
+
+Two small conveniences, documented because they bend "strict" on purpose:
+
+* PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a *string*; float fields accept strings
+  that spell a float, because ``lr: 1e-4`` is what everybody writes.
+* ``objective.energy``, ``data.root`` and the other optional fields take YAML ``null``; for
+  ``objective.energy`` and ``tracking.backend`` the string ``none`` is accepted as well.
+
+This module does not import torch (the CLI validates recipes before loading heavy modules),
+except for the model-size check, which reads the size registry of :mod:`eqm.model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import EqmError
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None):
+    """A dataclass field carrying its documentation in ``metadata["doc"]``."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# ============================================================================================
+# Schema
+# ============================================================================================
+
+
+@dataclass
+class TimeConfig:
+    """How the model turns frame timestamps into temporal positions (SPEC section 3)."""
+
+    mode: Literal["seconds", "index", "fps-embed"] = _f(
+        "seconds",
+        "seconds: tau = t * ref_fps from real timestamps (the product); index: tau = frame index "
+        "(time-blind baseline); fps-embed: index positions + a learned embedding of the clip's fps",
+    )
+    ref_fps: Optional[float] = _f(
+        None, "reference rate r in tau = t_seconds * r; null = the model's measured default (24)"
+    )
+    frac: Optional[float] = _f(
+        None,
+        "share of channels carrying the temporal code (sincos: of hidden_size, at most 1/2; rope: of "
+        "each head's dim); the rest is split between rows and columns; null = model default (0.25)",
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The EqM transformer (eqm.model.EqMTransformer).  Frame size and count come from `data`."""
+
+    size: str = _f("tiny", "size from eqm.model.EQM_SIZES: tiny, mini (CPU), S, B, L, XL (EqM family)")
+    patch_size: int = _f(2, "spatial patch size p (DiT '/2' = 2); must divide data.height and data.width")
+    temporal_patch: int = _f(1, "frames per token p_t; must divide data.num_frames; 1 keeps image weights usable")
+    pos: Literal["sincos", "rope"] = _f(
+        "sincos", "positional encoding: sincos (fixed 3D sin/cos added to tokens) or rope (3D rotary on q/k)"
+    )
+    time: TimeConfig = _f(doc="temporal coordinate settings", factory=TimeConfig)
+    num_classes: Optional[int] = _f(
+        None, "number of classes; null = the dataset's class count; 0 = unconditional"
+    )
+    class_dropout_prob: float = _f(0.1, "probability of dropping a label to the null class (classifier-free guidance)")
+    learn_sigma: bool = _f(False, "double the output channels like SiT/DiT checkpoints (second half unused by EqM)")
+    hidden_size: Optional[int] = _f(None, "override the size's hidden width D; null = from `size`")
+    depth: Optional[int] = _f(None, "override the size's number of blocks; null = from `size`")
+    num_heads: Optional[int] = _f(None, "override the size's attention heads; null = from `size`")
+    mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of D")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The EqM objective (SPEC section 2): target (x1 - x0) * lam * min(1, (1 - gamma) / (1 - a))."""
+
+    a: float = _f(0.8, "gamma after which the target magnitude decays linearly to 0 (paper: 0.8); in [0, 1)")
+    lam: float = _f(4.0, "target gradient scale lambda (paper: 4.0); > 0")
+    energy: Optional[Literal["dot", "l2"]] = _f(
+        None, "explicit energy: null (direct gradient), dot (E = sum x*h(x)) or l2 (E = -|h(x)|^2/2); needs double backward"
+    )
+
+
+@dataclass
+class SyntheticConfig:
+    """The zero-download synthetic source: analytic moving shapes, one known speed per class."""
+
+    num_classes: int = _f(4, "number of motion classes (each a direction/speed in pixels per second)")
+    length: int = _f(4096, "clips per epoch (every clip is rendered on the fly at its own random fps)")
+    speed: Optional[float] = _f(None, "shape speed in pixels per second; null = the dataset's default")
+    radius: Optional[float] = _f(None, "shape radius in pixels; null = the dataset's default")
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how each clip is cut (eqm.data.clips.ClipPolicy)."""
+
+    source: Literal["synthetic", "folder", "manifest"] = _f(
+        "synthetic", "synthetic (rendered), folder (class subfolders of videos) or manifest (probe-fps JSONL)"
+    )
+    root: Optional[str] = _f(None, "folder source: the dataset root (one subfolder per class)")
+    manifest: Optional[str] = _f(None, "manifest source: path of the JSONL written by `eqmctl probe-fps`")
+    num_frames: int = _f(8, "frames T per training clip")
+    fps_min: float = _f(8.0, "lowest effective frame rate a clip is sampled at")
+    fps_max: float = _f(30.0, "highest effective frame rate (never above the source's own rate)")
+    height: int = _f(32, "clip height in pixels (frames are resized/cropped to it)")
+    width: int = _f(32, "clip width in pixels")
+    random_flip: bool = _f(False, "flip clips horizontally at random (note: flips the direction of motion)")
+    num_workers: int = _f(0, "DataLoader worker processes (0 = load in the training process)")
+    clips_per_file: int = _f(
+        16, "folder/manifest sources: distinct clips (start, rate, crop) drawn per video file; the dataset "
+        "length is files x clips_per_file, and item i is always the same clip (reproducible across workers)"
+    )
+    synthetic: SyntheticConfig = _f(doc="options of the synthetic source", factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpoints, logging and previews (eqm.train)."""
+
+    steps: int = _f(1000, "optimizer steps to train for (a step is grad_accum micro-batches)")
+    batch_size: int = _f(32, "clips per micro-batch per process (global batch = batch_size * grad_accum * processes)")
+    lr: float = _f(1e-4, "peak AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay (EqM/SiT use 0)")
+    warmup_steps: int = _f(0, "linear learning-rate warmup from 0 over this many steps")
+    lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "after warmup: constant, or cosine decay to min_lr_ratio * lr at the last step"
+    )
+    min_lr_ratio: float = _f(0.1, "cosine schedule: final lr as a fraction of lr")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = no clipping; the norm is logged anyway)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    ema_decay: float = _f(0.9999, "EMA decay per optimizer step (0 = EMA equals the model); in [0, 1)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+        "no", "autocast precision on GPU (weights, optimizer and EMA stay float32); ignored with a warning on CPU"
+    )
+    seed: int = _f(0, "global seed: model init, data order and noise are deterministic functions of (seed, step, rank)")
+    log_every: int = _f(10, "write a metrics.jsonl line / log line every N steps")
+    ckpt_every: int = _f(1000, "save a checkpoint every N steps (the last step is always saved)")
+    keep_last: int = _f(3, "keep only the newest N checkpoints (0 = keep all)")
+    preview_every: int = _f(0, "write a preview MP4 sampled from the EMA model every N steps and at the end (0 = never)")
+    preview_fps: Union[float, str] = _f(24.0, "frame rate of preview clips (timestamps k/fps; '30000/1001' and 29.97 are exact)")
+    preview_frames: Optional[int] = _f(None, "frames per preview clip; null = data.num_frames")
+    preview_samples: int = _f(4, "clips per preview (tiled side by side, labels cycling through the classes)")
+
+
+@dataclass
+class SampleConfig:
+    """Sampler defaults for previews and `eqmctl sample` (eqm.sampler.sample); null = measured default."""
+
+    method: Literal["gd", "nag"] = _f("gd", "gd (x += eta f) or nag (Nesterov look-ahead with momentum)")
+    steps: Optional[int] = _f(None, "maximum sampler steps; null = eqm.sampler default for the method")
+    step_size: Optional[float] = _f(None, "eta; null = eqm.sampler default for the method")
+    momentum: Optional[float] = _f(None, "NAG momentum mu; null = eqm.sampler default (0.3)")
+    tol: Optional[float] = _f(None, "adaptive stop when a sample's gradient RMS falls below tol; null = run all steps")
+    cfg_scale: float = _f(1.0, "classifier-free guidance scale (1 = off)")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers through Accelerate (metrics.jsonl is always written)."""
+
+    backend: Optional[Literal["tensorboard", "wandb"]] = _f(
+        None, "null/none, tensorboard or wandb (the package must be installed)"
+    )
+    project: str = _f("eqmctl", "project name passed to the tracker")
+
+
+@dataclass
+class Recipe:
+    """A complete training recipe.  ``name`` defaults to the YAML file's stem."""
+
+    name: Optional[str] = _f(None, "run name prefix (runs/<name>-<timestamp>); null = the recipe file's stem")
+    description: str = _f("", "free text")
+    model: ModelConfig = _f(doc="the transformer", factory=ModelConfig)
+    objective: ObjectiveConfig = _f(doc="the EqM loss", factory=ObjectiveConfig)
+    data: DataConfig = _f(doc="the training clips", factory=DataConfig)
+    train: TrainConfig = _f(doc="the optimisation loop", factory=TrainConfig)
+    sample: SampleConfig = _f(doc="sampler defaults", factory=SampleConfig)
+    tracking: TrackingConfig = _f(doc="optional trackers", factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON-able), every field present: the *resolved* recipe."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def get(self, dotted: str) -> Any:
+        """Value of a dotted key, e.g. ``recipe.get("model.time.mode")``."""
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+# ============================================================================================
+# Generic typed conversion
+# ============================================================================================
+
+_FLOAT_RE = re.compile(r"^[+-]?((\d+\.?\d*)|(\.\d+))([eE][+-]?\d+)?$")
+_NONE_WORDS = {"none"}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    """'a number', "one of 'gd', 'nag'", 'an integer or null', ... for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    names = {type(None): "null", float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, tp, key: str, allow_none_word: bool = False) -> Any:
+    """Convert/check one value against a type annotation; raises _Mismatch when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if (
+            type(None) in args
+            and isinstance(value, str)
+            and value.strip().lower() in _NONE_WORDS
+            and allow_none_word
+        ):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # YAML 1.1 reads 1e-4 as a string
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in the schema, not user input
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        dotted = prefix + f.name
+        keys.append(dotted)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(_all_keys(tp, dotted + "."))
+    return keys
+
+
+def _unknown_key(dotted: str, where: str) -> EqmError:
+    candidates = _all_keys(Recipe)
+    close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+    if not close:  # a misspelt leaf under the right section: compare the last part within it
+        parent, _, leaf = dotted.rpartition(".")
+        siblings = [k for k in candidates if k.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.4) if parent else []
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return EqmError(f"{where}: unknown recipe key '{dotted}'{hint}")
+
+
+def _build(cls, data: Any, prefix: str, where: str):
+    """Build dataclass ``cls`` from a mapping, checking keys and types; defaults fill the gaps."""
+    section = prefix.rstrip(".") or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EqmError(f"{where}: '{section}' must be a mapping of keys, got {_show(data)}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if not isinstance(k, str) or k not in names:
+            raise _unknown_key(prefix + str(k), where)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        dotted = prefix + f.name
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, dotted + ".", where)
+            continue
+        try:
+            kwargs[f.name] = _convert(value, tp, dotted, allow_none_word=True)
+        except _Mismatch:
+            raise EqmError(f"{where}: {dotted} must be {_type_name(tp)}, got {_show(value)}") from None
+    return cls(**kwargs)
+
+
+# ============================================================================================
+# Overrides
+# ============================================================================================
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` -> ("train.lr", "3e-4" as YAML reads it).  Values are YAML scalars."""
+    if "=" not in text:
+        raise EqmError(f"override '{text}' must look like key.sub=value (e.g. train.lr=3e-4)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+        raise EqmError(f"override '{text}': '{key}' is not a dotted recipe key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise EqmError(f"override '{text}': the value is not a YAML scalar") from None
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "override") -> dict:
+    """Set dotted keys in a raw (not yet validated) recipe mapping; unknown keys -> EqmError."""
+    for text in overrides or []:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        cls: Any = Recipe
+        node = data
+        for i, part in enumerate(parts):
+            dotted = ".".join(parts[: i + 1])
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
+                raise _unknown_key(dotted, f"{where} '{text}'")
+            tp = _hints(cls)[part]
+            last = i == len(parts) - 1
+            if last:
+                if dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+                    raise EqmError(f"{where} '{text}': '{dotted}' is a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise _unknown_key(key, f"{where} '{text}'")
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                elif not isinstance(child, dict):
+                    raise EqmError(f"{where} '{text}': '{dotted}' in the recipe is not a mapping")
+                node = child
+                cls = tp
+    return data
+
+
+# ============================================================================================
+# Validation of values (beyond types)
+# ============================================================================================
+
+
+def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
+    """Check impossible values and cross-field constraints; raise EqmError naming the dotted key."""
+
+    def bad(key: str, msg: str) -> EqmError:
+        return EqmError(f"{where}: {key} {msg}, got {recipe.get(key)!r}")
+
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise bad(key, msg)
+
+    def finite(key: str):
+        v = recipe.get(key)
+        if v is not None and isinstance(v, float) and not math.isfinite(v):
+            raise bad(key, "must be a finite number")
+
+    for key in _all_keys(Recipe):
+        finite(key)
+
+    m, t, o, d, tr, s = recipe.model, recipe.model.time, recipe.objective, recipe.data, recipe.train, recipe.sample
+    if recipe.name is not None:
+        need(bool(re.fullmatch(r"[\w.+-]+", recipe.name)), "name", "must be a non-empty file-name-safe word (letters, digits, . _ + -)")
+    # model
+    need(m.patch_size >= 1, "model.patch_size", "must be >= 1")
+    need(m.temporal_patch >= 1, "model.temporal_patch", "must be >= 1")
+    need(t.ref_fps is None or t.ref_fps > 0, "model.time.ref_fps", "must be > 0")
+    need(t.frac is None or 0 < t.frac <= 0.5 or m.pos == "rope" and 0 < t.frac < 1, "model.time.frac", "must be in (0, 0.5] (sincos) or (0, 1) (rope)")
+    need(m.num_classes is None or m.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional) or null")
+    need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
+    for k in ("hidden_size", "depth", "num_heads"):
+        need(getattr(m, k) is None or getattr(m, k) >= 1, f"model.{k}", "must be >= 1 or null")
+    need(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+    # objective
+    need(0.0 <= o.a < 1.0, "objective.a", "must be in [0, 1)")
+    need(o.lam > 0, "objective.lam", "must be > 0")
+    # data
+    need(d.num_frames >= 1, "data.num_frames", "must be >= 1")
+    need(d.fps_min > 0, "data.fps_min", "must be > 0")
+    need(d.fps_max > 0, "data.fps_max", "must be > 0")
+    need(d.fps_max <= 1000, "data.fps_max", "must be <= 1000")
+    need(d.fps_min <= d.fps_max, "data.fps_min", f"must be <= data.fps_max ({d.fps_max:g})")
+    need(d.height >= 1, "data.height", "must be >= 1")
+    need(d.width >= 1, "data.width", "must be >= 1")
+    need(d.height % m.patch_size == 0, "data.height", f"must be divisible by model.patch_size ({m.patch_size})")
+    need(d.width % m.patch_size == 0, "data.width", f"must be divisible by model.patch_size ({m.patch_size})")
+    need(d.num_frames % m.temporal_patch == 0, "data.num_frames", f"must be divisible by model.temporal_patch ({m.temporal_patch})")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if d.source == "folder":
+        need(bool(d.root), "data.root", "must be set when data.source is folder")
+    if d.source == "manifest":
+        need(bool(d.manifest), "data.manifest", "must be set when data.source is manifest")
+    need(d.synthetic.num_classes >= 1, "data.synthetic.num_classes", "must be >= 1")
+    need(d.synthetic.length >= 1, "data.synthetic.length", "must be >= 1")
+    need(d.clips_per_file >= 1, "data.clips_per_file", "must be >= 1")
+    need(d.synthetic.speed is None or d.synthetic.speed >= 0, "data.synthetic.speed", "must be >= 0")
+    need(d.synthetic.radius is None or d.synthetic.radius > 0, "data.synthetic.radius", "must be > 0")
+    # train
+    need(tr.steps >= 1, "train.steps", "must be >= 1")
+    need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(tr.lr > 0, "train.lr", "must be > 0")
+    need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+    need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    need(tr.seed >= 0, "train.seed", "must be >= 0")
+    need(tr.log_every >= 1, "train.log_every", "must be >= 1")
+    need(tr.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+    need(tr.keep_last >= 0, "train.keep_last", "must be >= 0 (0 = keep all)")
+    need(tr.preview_every >= 0, "train.preview_every", "must be >= 0 (0 = never)")
+    need(tr.preview_frames is None or tr.preview_frames >= 1, "train.preview_frames", "must be >= 1 or null")
+    if tr.preview_frames is not None:
+        need(tr.preview_frames % m.temporal_patch == 0, "train.preview_frames", f"must be divisible by model.temporal_patch ({m.temporal_patch})")
+    need(tr.preview_samples >= 1, "train.preview_samples", "must be >= 1")
+    from .timebase import parse_fps
+
+    parse_fps(tr.preview_fps, name=f"{where}: train.preview_fps")  # raises naming the key
+    # sample
+    need(s.steps is None or s.steps >= 1, "sample.steps", "must be >= 1 or null")
+    need(s.step_size is None or s.step_size > 0, "sample.step_size", "must be > 0 or null")
+    need(s.momentum is None or 0 <= s.momentum < 1, "sample.momentum", "must be in [0, 1) or null")
+    need(s.tol is None or s.tol >= 0, "sample.tol", "must be >= 0 or null")
+    need(s.cfg_scale >= 0, "sample.cfg_scale", "must be >= 0")
+    if s.cfg_scale != 1.0:
+        need(m.num_classes != 0, "sample.cfg_scale", "must be 1 for an unconditional model (model.num_classes: 0)")
+    # model size: the registry lives with the model (imports torch, so checked last)
+    from .model import EQM_SIZES
+
+    if m.size not in EQM_SIZES:
+        lower = {k.lower(): k for k in EQM_SIZES}
+        close = [lower[m.size.lower()]] if m.size.lower() in lower else difflib.get_close_matches(m.size, list(EQM_SIZES), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise EqmError(f"{where}: model.size must be one of {', '.join(EQM_SIZES)}, got {m.size!r}{hint}")
+    D = m.hidden_size or EQM_SIZES[m.size]["hidden_size"]
+    H = m.num_heads or EQM_SIZES[m.size]["num_heads"]
+    if D % H:
+        raise EqmError(f"{where}: model.hidden_size ({D}) must be divisible by model.num_heads ({H})")
+    return recipe
+
+
+# ============================================================================================
+# Loading
+# ============================================================================================
+
+
+def recipe_from_dict(data: Any, overrides: Optional[list[str]] = None, where: str = "recipe", name: Optional[str] = None) -> Recipe:
+    """Build and validate a Recipe from a plain mapping (e.g. state.json's "recipe") plus overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EqmError(f"{where}: the recipe must be a YAML mapping of sections, got {_show(data)}")
+    import copy
+
+    data = apply_overrides(copy.deepcopy(data), list(overrides or []))
+    recipe = _build(Recipe, data, "", where)
+    if recipe.name is None and name is not None:
+        recipe.name = name
+    return validate(recipe, where)
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a recipe YAML, apply ``key.sub=value`` overrides, check keys, types and values.
+
+    Raises EqmError (one line, naming the file and the dotted key) on any problem.  ``name``
+    defaults to the file's stem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EqmError(f"recipe file not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EqmError(f"cannot read recipe {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise EqmError(f"recipe {path}: not valid YAML{at}: {problem}") from None
+    stem = re.sub(r"[^\w.+-]", "_", path.stem) or "run"
+    return recipe_from_dict(data, overrides, where=str(path), name=stem)
+
+
+def schema_lines(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every leaf of the schema -- for docs and `--schema`."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        dotted = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            rows.extend(schema_lines(tp, dotted + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((dotted, _type_name(tp), "null" if default is None else repr(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,280 @@
+"""The training loop: real short runs on the synthetic source, through the CLI and the library.
+
+Every run here is real (the synthetic dataset, the EqM loss, AdamW, checkpoints on disk, MP4
+previews written and decoded with PyAV), only small: 16x16 frames, 4 frames, 2 blocks.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from eqm import checkpoint as C
+from eqm.errors import EqmError
+from eqm.recipe import load_recipe
+from eqm.train import EMA, LRSchedule, StepBatchSampler, build_dataset, derive_seed, train
+from eqmctl.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny-synthetic.yaml"
+FAST = [
+    "data.height=16", "data.width=16", "model.patch_size=4", "data.num_frames=4", "model.depth=2",
+    "train.batch_size=4", "data.synthetic.length=64", "train.log_every=1", "train.warmup_steps=0",
+    "train.preview_every=0", "train.lr_schedule=constant", "train.lr=1e-3",
+]
+runner = CliRunner()
+
+
+def recipe(*overrides):
+    return load_recipe(TINY, FAST + list(overrides))
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def quiet(_line):
+    pass
+
+
+# --- pieces ----------------------------------------------------------------------------------
+
+
+def test_step_batch_sampler_is_a_function_of_step():
+    n, B = 10, 3
+    one = StepBatchSampler(n, B, seed=5, stop_micro=20)
+    batches = list(one)
+    assert len(batches) == 20 and all(len(b) == B for b in batches)
+    stream = [i for b in batches for i in b]
+    for e in range(5):  # every epoch is a permutation of the dataset
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    # starting later gives exactly the tail: resume needs no replay
+    assert list(StepBatchSampler(n, B, seed=5, start_micro=7, stop_micro=20)) == batches[7:]
+    # two ranks read disjoint, interleaved slices of the same stream
+    r0 = list(StepBatchSampler(n, B, seed=5, rank=0, world=2, stop_micro=10))
+    r1 = list(StepBatchSampler(n, B, seed=5, rank=1, world=2, stop_micro=10))
+    assert [i for a, b in zip(r0, r1) for i in a + b] == stream
+    assert list(StepBatchSampler(n, B, seed=6, stop_micro=20)) != batches
+    assert derive_seed(1, "noise", 3) == derive_seed(1, "noise", 3) != derive_seed(1, "noise", 4)
+
+
+def test_lr_schedule_and_ema():
+    s = LRSchedule(warmup=4, total=14, kind="cosine", min_ratio=0.1)
+    assert [s(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s(4) == pytest.approx(1.0) and s(13) == pytest.approx(0.1)
+    assert all(s(i) >= s(i + 1) for i in range(4, 13))
+    assert LRSchedule(0, 10)(9) == 1.0
+
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.9)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * m.weight)
+    assert not ema.module.weight.requires_grad
+
+
+def test_batches_mix_frame_rates_with_per_sample_timestamps():
+    r = recipe("data.synthetic.length=32")
+    ds = build_dataset(r)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), 8, seed=0, stop_micro=1))
+    batch = next(iter(loader))
+    ts = batch["timestamps"]
+    assert batch["video"].shape == (8, 3, 4, 16, 16) and ts.shape == (8, 4)
+    assert torch.all(ts[:, 0] == 0)
+    rates = 1.0 / (ts[:, 1] - ts[:, 0])
+    assert rates.min() >= 8 - 1e-3 and rates.max() <= 30 + 1e-3
+    assert rates.max() - rates.min() > 2  # one batch, several frame rates
+    # the model gives each sample its own temporal code
+    from eqm.train import build_model
+
+    model = build_model(r, ds.num_classes)
+    pos = model.positions(ts, 4)
+    assert pos.add.shape[0] == 8 and not torch.allclose(pos.add[0], pos.add[1])
+
+
+# --- a real run through the CLI --------------------------------------------------------------
+
+
+def test_cli_train_writes_run_dir(tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(app, [
+        "train", str(TINY), *FAST, "train.steps=4", "train.ckpt_every=2", "train.keep_last=1",
+        "train.preview_every=4", "train.preview_fps=12", "train.preview_samples=2", "sample.steps=3",
+        "--run-dir", str(run),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "step 4/4" in res.output and "loss" in res.output
+
+    saved = load_recipe(run / "recipe.yaml")
+    assert saved.train.steps == 4 and saved.data.height == 16 and saved.name == "tiny-synthetic"
+    assert [p.name for p in C.list_checkpoints(run)] == ["step_0000004"]  # keep_last=1 pruned step 2
+    ck = run / "checkpoints" / "step_0000004"
+    state = json.loads((ck / "state.json").read_text())
+    assert state["step"] == 4 and state["recipe"] == saved.to_dict() and state["arch"]["num_frames"] == 4
+
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "time"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["samples_per_s"] > 0
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["step"] == 4 and summary["replicas_identical"]
+    model, st = C.load_model(run)
+    assert st["weights"].endswith("ema.safetensors")
+    assert C.weights_checksum(C.load_model(run, use_ema=False)[0]) == summary["rank_checksums"][0]
+
+    import av
+
+    preview = run / "previews" / "step_0000004.mp4"
+    with av.open(str(preview)) as f:
+        stream = f.streams.video[0]
+        frames = [fr for fr in f.decode(stream)]
+        assert stream.average_rate == Fraction(12) and len(frames) == 4
+        assert (frames[0].width, frames[0].height) == (32, 16)  # 2 samples side by side
+
+
+def test_default_run_dir_and_validate(tmp_path):
+    root = tmp_path / "runs"
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "--validate", "--runs-root", str(root)])
+    assert res.exit_code == 0, res.output
+    assert "parameters" in res.output and "64 clips" in res.output and "4 classes" in res.output
+    assert not root.exists()  # a dry run writes nothing
+
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=1", "--runs-root", str(root)])
+    assert res.exit_code == 0, res.output
+    (run,) = list(root.iterdir())
+    assert run.name.startswith("tiny-synthetic-") and C.latest_checkpoint(run).name == "step_0000001"
+    # a fresh run refuses a directory that already has checkpoints
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=1", "--run-dir", str(run)])
+    assert res.exit_code == 2 and "already has checkpoints" in res.output
+    # --resume latest finds the newest run of this recipe under the runs root
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=2", "--resume", "latest", "--runs-root", str(root)])
+    assert res.exit_code == 0, res.output
+    assert list(root.iterdir()) == [run] and C.latest_checkpoint(run).name == "step_0000002"
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "tracking.backend=wandb", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "'wandb' package is not installed" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+# --- accumulation, resume, divergence --------------------------------------------------------
+
+
+def test_grad_accum_side_effects_once_per_optimizer_step(tmp_path):
+    r = recipe("train.steps=3", "train.grad_accum=3", "train.warmup_steps=10", "train.batch_size=2")
+    res = train(r, tmp_path / "run", log=quiet)
+    assert res.step == 3
+    rows = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["lr"] for row in rows] == pytest.approx([1e-4, 2e-4, 3e-4])  # warmup advanced once per step
+    ts = C.load_training_state(res.last_checkpoint)
+    assert ts["scheduler"]["last_epoch"] == 3
+    assert {int(s["step"]) for s in ts["optimizer"]["state"].values()} == {3}  # 3 Adam steps, not 9
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ("train.grad_accum=2", "train.warmup_steps=3", "train.ema_decay=0.5", "train.batch_size=2")
+    full = train(recipe("train.steps=6", *common), tmp_path / "full", log=quiet)
+    part = train(recipe("train.steps=3", *common), tmp_path / "part", log=quiet)
+    assert part.step == 3 and part.checksum != full.checksum
+    resumed = train(recipe("train.steps=6", *common), tmp_path / "part", resume="latest", log=quiet, warn=quiet)
+    assert resumed.start_step == 3 and resumed.step == 6
+    assert resumed.checksum == full.checksum  # the same weights, bit for bit
+    ema_full = C.weights_checksum(C.load_model(tmp_path / "full", use_ema=True)[0])
+    ema_res = C.weights_checksum(C.load_model(tmp_path / "part", use_ema=True)[0])
+    assert ema_full == ema_res
+    assert [r["loss"] for r in metrics(tmp_path / "part")] == [r["loss"] for r in metrics(tmp_path / "full")]
+    # resuming from an explicit checkpoint path works as well (and rewinds the metrics log)
+    again = train(recipe("train.steps=6", *common), resume=tmp_path / "part" / "checkpoints" / "step_0000006", log=quiet, warn=quiet)
+    assert again.run_dir == tmp_path / "part" and again.step == 6
+
+
+def test_divergence_stops_with_exit_1_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(app, [
+        "train", str(TINY), *FAST, "train.lr=1e6", "train.grad_clip=0", "train.steps=50", "train.ckpt_every=1",
+        "train.keep_last=0", "--run-dir", str(run),
+    ])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    err = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "diverged at step" in err[0] and "last good checkpoint" in err[0]
+    failed_at = int(err[0].split("diverged at step ")[1].split(":")[0])
+    ckpts = C.list_checkpoints(run)
+    assert ckpts and C.latest_checkpoint(run).name == f"step_{failed_at - 1:07d}" and failed_at < 50
+    model, state = C.load_model(run, use_ema=False)  # the last checkpoint before the failure loads
+    assert state["step"] == failed_at - 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (run / "summary.json").exists()
+
+
+# --- several processes -----------------------------------------------------------------------
+
+
+def test_two_processes_train_one_model(tmp_path):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "eqmctl.cli",
+        "train", str(TINY), *FAST, "train.steps=3", "train.batch_size=2", "--run-dir", str(run),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
+    sums = summary["rank_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1] and summary["replicas_identical"]
+    model, _ = C.load_model(run, use_ema=False)
+    assert C.weights_checksum(model) == sums[0]
+    assert "global batch 4" in (run / "log.txt").read_text()  # 2 per process x 2 processes
+    assert (run / "log.txt").read_text().count("done: step 3") == 1  # only the main process writes
+
+
+def test_trains_on_real_files_from_a_folder_and_a_probe_manifest(tmp_path):
+    """Real MP4s at mixed rates (written by the synthetic source) -> folder dataset and the
+    probe-fps manifest -> a short run each, with the clips' real timestamps."""
+    from eqm.data.synthetic import SyntheticMotion
+
+    root = tmp_path / "videos"
+    SyntheticMotion(num_classes=2, height=16, width=16).write_videos(root, [12, "30000/1001"], seconds=1.0, per_class=2)
+    (root / SyntheticMotion(num_classes=2).class_names[0] / "broken.mp4").write_bytes(b"not a video")
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=folder", f"data.root={root}",
+                              "data.clips_per_file=3", "--validate"])
+    assert res.exit_code == 0, res.output
+    assert "12 clips, 2 classes, 1 files skipped" in " ".join(res.output.split())
+    assert "warning" in res.output and "broken.mp4" in res.output
+
+    manifest = tmp_path / "m.jsonl"
+    res = runner.invoke(app, ["probe-fps", str(root), "--manifest", str(manifest)])
+    assert res.exit_code == 1  # the broken file is reported as failed; the manifest is still written
+    for source in ("folder", "manifest"):
+        run = tmp_path / f"run-{source}"
+        res = runner.invoke(app, ["train", str(TINY), *FAST, f"data.source={source}", f"data.root={root}",
+                                  f"data.manifest={manifest}", "train.steps=2", "--run-dir", str(run)])
+        assert res.exit_code == 0, res.output
+        state = json.loads((C.latest_checkpoint(run) / "state.json").read_text())
+        assert state["step"] == 2 and state["arch"]["num_classes"] == 2
+        assert state["class_names"] == SyntheticMotion(num_classes=2).class_names
