@@ -121,14 +121,14 @@ def _print_summary(summary, gen, rate: str, state) -> None:
     steps = gen.settings["steps"]
     table = Table(
         title=f"{len(summary.samples)} clips at {rate} fps, {gen.num_frames} frames ({gen.duration:.3f} s) each "
-        f"- step {state.get('step')} {gen.settings['method']}",
+        f"in {summary.out_dir}/ (step {state.get('step')}, {gen.settings['method']})",
         title_justify="left",
     )
     for col in ("file", "label", "frames", "duration", "evals", "final rms"):
-        table.add_column(col, justify="left" if col == "file" else "right")
+        table.add_column(col, justify="left" if col == "file" else "right", overflow="fold")
     for w in summary.samples:
         table.add_row(
-            str(w.path), "-" if w.label is None else str(w.label), str(w.frames), f"{w.duration:.3f} s",
+            w.path.name, "-" if w.label is None else str(w.label), str(w.frames), f"{w.duration:.3f} s",
             f"{w.evals}/{steps}", f"{w.final_rms:.4f}",
         )
     console.print(table)
