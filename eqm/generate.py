@@ -83,7 +83,8 @@ def resolve_num_frames(fps: Fraction, frames: Optional[int] = None, seconds: Opt
     return n
 
 
-def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_names: Sequence[str] = ()) -> Optional[torch.Tensor]:
+def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_names: Sequence[str] = (),
+                 *, flag: str = "--labels") -> Optional[torch.Tensor]:
     """Class label per sample from ``"0,2"`` or class names; cycled over the samples.
 
     None: labels cycle through all classes (0, 1, ..., n-1, 0, ...); a model without classes
@@ -91,7 +92,7 @@ def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_
     """
     if num_classes <= 0:
         if spec:
-            raise EqmError("--labels given but the model was trained without classes")
+            raise EqmError(f"{flag} given but the model was trained without classes")
         return None
     if not spec:
         return torch.arange(num_samples) % num_classes
@@ -100,7 +101,7 @@ def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_
     for raw in spec.split(","):
         item = raw.strip()
         if not item:
-            raise EqmError(f"--labels has an empty entry: {spec!r}")
+            raise EqmError(f"{flag} has an empty entry: {spec!r}")
         if item in names:
             out.append(names[item])
             continue
@@ -108,9 +109,9 @@ def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_
             k = int(item)
         except ValueError:
             known = f" (classes: {', '.join(class_names)})" if class_names else ""
-            raise EqmError(f"--labels entry {item!r} is neither a class index nor a class name{known}") from None
+            raise EqmError(f"{flag} entry {item!r} is neither a class index nor a class name{known}") from None
         if not 0 <= k < num_classes:
-            raise EqmError(f"--labels entry {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+            raise EqmError(f"{flag} entry {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
         out.append(k)
     reps = -(-num_samples // len(out))
     return torch.tensor((out * reps)[:num_samples], dtype=torch.long)
@@ -123,6 +124,34 @@ def sample_noise(num_samples: int, shape: Sequence[int], seed: int) -> torch.Ten
         g = torch.Generator().manual_seed((int(seed) * 1_000_003 + i) % (2**63))
         out[i] = torch.randn(tuple(shape), generator=g)
     return out
+
+
+def check_sampler_options(method: str = "gd", steps=None, step_size=None, momentum=None, tol=None) -> None:
+    """One-line errors (named like the CLI flags) for sampler settings a user typed."""
+    if method not in ("gd", "nag"):
+        raise EqmError(f"--sampler must be gd or nag, got {method!r}")
+    for name, v in (("--step-size", step_size), ("--momentum", momentum), ("--tol", tol)):
+        if v is not None and not math.isfinite(v):
+            raise EqmError(f"{name} must be a finite number, got {v}")
+    if steps is not None and steps < 1:
+        raise EqmError(f"--steps must be at least 1, got {steps}")
+    if step_size is not None and step_size <= 0:
+        raise EqmError(f"--step-size must be positive, got {step_size}")
+    if momentum is not None and not 0 <= momentum < 1:
+        raise EqmError(f"--momentum must be in [0, 1), got {momentum}")
+    if tol is not None and tol < 0:
+        raise EqmError(f"--tol must be >= 0, got {tol}")
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """--device, or cuda when available; a clear error when CUDA is asked for and absent."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise EqmError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EqmError(f"--device {device}: CUDA is not available on this machine")
+    return dev
 
 
 def _autocast(device: torch.device, dtype: Optional[str]):

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from eqm import checkpoint as C
-from eqm.errors import EqmError
 from eqm.recipe import load_recipe
 from eqm.train import EMA, LRSchedule, StepBatchSampler, build_dataset, derive_seed, train
 from eqmctl.cli import app

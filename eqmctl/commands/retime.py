@@ -112,33 +112,16 @@ def retime(
 
 def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype):
     """Validate the sampler options, load the model and turn --label into a class id."""
-    import math
-
-    import torch
-
     from eqm.checkpoint import load_model, resolve_checkpoint
     from eqm.errors import EqmError
+    from eqm.generate import check_sampler_options, parse_labels, resolve_device
 
-    if sampler not in ("gd", "nag"):
-        raise EqmError(f"--sampler must be gd or nag, got {sampler!r}")
-    for name, v in (("--step-size", step_size), ("--momentum", momentum), ("--tol", tol)):
-        if v is not None and not math.isfinite(v):
-            raise EqmError(f"{name} must be a finite number, got {v}")
-    if steps is not None and steps < 1:
-        raise EqmError(f"--steps must be at least 1, got {steps}")
-    if step_size is not None and step_size <= 0:
-        raise EqmError(f"--step-size must be positive, got {step_size}")
-    if momentum is not None and not 0 <= momentum < 1:
-        raise EqmError(f"--momentum must be in [0, 1), got {momentum}")
-    if tol is not None and tol < 0:
-        raise EqmError(f"--tol must be >= 0, got {tol}")
+    check_sampler_options(sampler, steps, step_size, momentum, tol)
     if window is not None and window < 2:
         raise EqmError(f"--window must be at least 2 frames, got {window}")
     if batch_size is not None and batch_size < 1:
         raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EqmError(f"--device {device}: CUDA is not available on this machine")
+    dev = resolve_device(device)
 
     path = resolve_checkpoint(ckpt)
     model, state = load_model(path, use_ema=ema, device=dev)
@@ -146,29 +129,12 @@ def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, wi
         warn(f"{path} has no EMA weights; using the raw weights")
     y = None
     if label is not None:
-        y = _class_id(label, model.num_classes, list(state.get("class_names") or []))
+        if model.num_classes <= 0:
+            raise EqmError("--label given but the model was trained without classes")
+        y = int(parse_labels(label, model.num_classes, 1, list(state.get("class_names") or []), flag="--label")[0])
     kwargs = dict(window=window, label=y, method=sampler, steps=steps, step_size=step_size, momentum=momentum,
                   tol=tol or None, seed=seed, batch_size=batch_size, dtype=dtype)
     return model, state, kwargs
-
-
-def _class_id(label: str, num_classes: int, class_names: list) -> int:
-    """--label as a class index or one of the checkpoint's class names."""
-    from eqm.errors import EqmError
-
-    if num_classes <= 0:
-        raise EqmError("--label given but the model was trained without classes")
-    item = label.strip()
-    if item in class_names:
-        return class_names.index(item)
-    try:
-        k = int(item)
-    except ValueError:
-        known = f" (classes: {', '.join(class_names)})" if class_names else ""
-        raise EqmError(f"--label {item!r} is neither a class index nor a class name{known}") from None
-    if not 0 <= k < num_classes:
-        raise EqmError(f"--label {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
-    return k
 
 
 def _print_summary(input: Path, res, blend: bool, state) -> None:

@@ -45,11 +45,11 @@ def sample(
     with user_errors():
         import json as _json
 
-        import torch
-
         from eqm.checkpoint import load_model, resolve_checkpoint
         from eqm.errors import EqmError
-        from eqm.generate import FORMATS, generate, parse_labels, resolve_num_frames, write_generation
+        from eqm.generate import (
+            FORMATS, check_sampler_options, generate, parse_labels, resolve_device, resolve_num_frames, write_generation,
+        )
         from eqm.timebase import format_fps, parse_fps
 
         rate = parse_fps(fps, name="--fps")
@@ -57,22 +57,8 @@ def sample(
             raise EqmError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         if out.exists() and not out.is_dir():
             raise EqmError(f"--out {out} exists and is not a folder")
-        if sampler not in ("gd", "nag"):
-            raise EqmError(f"--sampler must be gd or nag, got {sampler!r}")
-        for name, v in (("--step-size", step_size), ("--momentum", momentum), ("--tol", tol)):
-            if v is not None and (v != v or v in (float("inf"), float("-inf"))):
-                raise EqmError(f"{name} must be a finite number, got {v}")
-        if steps is not None and steps < 1:
-            raise EqmError(f"--steps must be at least 1, got {steps}")
-        if step_size is not None and step_size <= 0:
-            raise EqmError(f"--step-size must be positive, got {step_size}")
-        if momentum is not None and not 0 <= momentum < 1:
-            raise EqmError(f"--momentum must be in [0, 1), got {momentum}")
-        if tol is not None and tol < 0:
-            raise EqmError(f"--tol must be >= 0, got {tol}")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EqmError(f"--device {device}: CUDA is not available on this machine")
+        check_sampler_options(sampler, steps, step_size, momentum, tol)
+        dev = resolve_device(device)
 
         path = resolve_checkpoint(ckpt, runs_root)
         if ckpt is None:
