@@ -106,23 +106,15 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class FpsEmbedder(nn.Module):
+class FpsEmbedder(TimestepEmbedder):
     """fps-embed mode: a clip's frame rate -> a vector added to the conditioning c.
 
     Features are sinusoids of 100 * ln(fps): a 1 % rate change moves the fastest feature by
-    1 rad, and the slowest ones still vary across 1..1000 fps.  Then the DiT embedder MLP.
+    1 rad, and the slowest ones still vary across 1..1000 fps.  Then the DiT embedder MLP (same
+    layers and parameter names as TimestepEmbedder).
     """
 
     LOG_SCALE = 100.0
-
-    def __init__(self, hidden_size, frequency_embedding_size=256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, fps):
         feats = sinusoidal_features(self.LOG_SCALE * torch.log(fps.float()), self.frequency_embedding_size)
