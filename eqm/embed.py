@@ -147,12 +147,15 @@ def temporal_coords(
     ref_fps: float = DEFAULT_REF_FPS,
     temporal_patch: int = 1,
     device=None,
+    offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """tau for every temporal token: (B, T // temporal_patch), or (1, ...) when timestamps is None.
 
     ``seconds``: tau = (t - min t) * ref_fps, relative to each clip's own first frame.
     ``index`` / ``fps-embed``: tau = frame index.  timestamps=None means index positions in every
     mode (an image or a clip of unknown rate is treated as if sampled at ref_fps).
+    offset: (B,) tau added to every token of each clip (training's random time shift,
+    ``train.time_shift``); None = clips start at tau 0 (always the case at sampling).
     """
     _check_mode(time_mode)
     if timestamps is not None:
@@ -172,6 +175,11 @@ def temporal_coords(
     tau = tau.float()
     if temporal_patch > 1:  # a token covering several frames takes their mean time
         tau = tau.reshape(tau.shape[0], num_frames // temporal_patch, temporal_patch).mean(-1)
+    if offset is not None:
+        offset = offset.to(device=tau.device, dtype=torch.float32).reshape(-1, 1)
+        if tau.shape[0] != 1 and offset.shape[0] != tau.shape[0]:
+            raise EqmError(f"time offset has {offset.shape[0]} values for a batch of {tau.shape[0]} clips")
+        tau = tau + offset
     return tau
 
 

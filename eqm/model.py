@@ -338,10 +338,14 @@ class EqMTransformer(nn.Module):
 
     # ------------------------------------------------------------------ positions
 
-    def positions(self, timestamps: Optional[torch.Tensor] = None, num_frames: Optional[int] = None) -> E.Positions:
+    def positions(
+        self, timestamps: Optional[torch.Tensor] = None, num_frames: Optional[int] = None,
+        tau_offset: Optional[torch.Tensor] = None,
+    ) -> E.Positions:
         """Everything derived from the frames' coordinates; compute once per sampling run, pass as pos=.
 
         timestamps: (B, T) or (T,) seconds, or None (frame-index positions; images: T = 1).
+        tau_offset: (B,) temporal offset per clip in tau units (training's ``train.time_shift``).
         """
         if timestamps is not None:
             timestamps = E.check_timestamps(timestamps, num_frames)
@@ -352,7 +356,7 @@ class EqMTransformer(nn.Module):
             device = self.t_embedder.mlp[0].weight.device
         tau = E.temporal_coords(
             timestamps, num_frames, time_mode=self.time_mode, ref_fps=self.ref_fps,
-            temporal_patch=self.temporal_patch, device=device,
+            temporal_patch=self.temporal_patch, device=device, offset=tau_offset,
         )
         coords = E.token_coords(tau, *self.grid)  # (B|1, N, 3)
         add = rope = fps = None

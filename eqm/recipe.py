@@ -156,6 +156,12 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = no clipping; the norm is logged anyway)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer step (0 = EMA equals the model); in [0, 1)")
+    time_shift: float = _f(
+        0.0,
+        "seconds: each training clip's temporal positions start at a random time drawn uniformly from "
+        "[0, time_shift] instead of 0 (tau offset = shift * ref_fps), so clips longer than the training "
+        "clips meet no unseen positions at sampling; sampling is never shifted; 0 = off",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = _f(
         "no", "autocast precision on GPU (weights, optimizer and EMA stay float32); ignored with a warning on CPU"
     )
@@ -479,6 +485,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    need(math.isfinite(tr.time_shift) and tr.time_shift >= 0, "train.time_shift", "must be a number of seconds >= 0")
     need(tr.seed >= 0, "train.seed", "must be >= 0")
     need(tr.log_every >= 1, "train.log_every", "must be >= 1")
     need(tr.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")

@@ -624,6 +624,7 @@ def train(
         )
 
     noise_gen = torch.Generator(device=device)
+    shift_gen = torch.Generator()  # train.time_shift's own stream: turning it on changes nothing else
     last_ckpt = ckpt_io.latest_checkpoint(run_dir) if main else None
     previews: list[Path] = []
     final_loss: Optional[float] = None
@@ -660,8 +661,14 @@ def train(
                 # Everything random in this micro-batch is a function of (seed, step, micro, rank).
                 torch.manual_seed(derive_seed(t.seed, "global", step, micro, rank))
                 noise_gen.manual_seed(derive_seed(t.seed, "noise", step, micro, rank))
+                pos = None
+                if t.time_shift > 0:  # a random start time per clip, in tau units
+                    shift_gen.manual_seed(derive_seed(t.seed, "time_shift", step, micro, rank))
+                    shift = torch.rand(x.shape[0], generator=shift_gen) * (t.time_shift * raw_model.ref_fps)
+                    pos = raw_model.positions(ts, x.shape[2], tau_offset=shift.to(device))
                 with accelerator.accumulate(model):
-                    loss, _ = eqm_loss(model, x, ts, y, a=recipe.objective.a, lam=recipe.objective.lam, generator=noise_gen)
+                    loss, _ = eqm_loss(model, x, ts, y, a=recipe.objective.a, lam=recipe.objective.lam,
+                                       generator=noise_gen, pos=pos)
                     accelerator.backward(loss)
                 loss_sum += loss.detach().float()
             assert accelerator.sync_gradients, "gradient accumulation is out of step with the micro-batch loop"

@@ -8,7 +8,7 @@ import torch
 
 from eqm import embed as E
 from eqm.errors import EqmError
-from eqm.model import EQM_SIZES
+from eqm.model import EQM_SIZES, EqMTransformer
 from eqm.timebase import uniform_timestamps
 
 
@@ -147,6 +147,23 @@ def test_timestamps_none_and_index_mode_use_frame_index():
     assert torch.equal(tau, torch.arange(3.0)[None])
     with pytest.raises(EqmError):
         E.temporal_coords(None, 4, time_mode="frames")
+
+
+def test_time_offset_shifts_each_clip_and_model_positions_follow():
+    """train.time_shift: a per-clip tau offset, in every mode; positions() passes it through."""
+    ts = torch.stack([uniform_timestamps(4, 8), uniform_timestamps(4, 24)])
+    off = torch.tensor([0.0, 5.5])
+    for mode in ("seconds", "index"):
+        base = E.temporal_coords(ts, 4, time_mode=mode, ref_fps=24.0)
+        torch.testing.assert_close(E.temporal_coords(ts, 4, time_mode=mode, ref_fps=24.0, offset=off), base + off[:, None])
+    with pytest.raises(EqmError, match="2 clips"):
+        E.temporal_coords(ts, 4, offset=torch.zeros(3))
+    model = EqMTransformer(input_size=8, num_frames=4, patch_size=2, in_channels=3, hidden_size=32, depth=1,
+                           num_heads=2, num_classes=0)
+    tau = E.temporal_coords(ts, 4, ref_fps=model.ref_fps) + off[:, None]
+    want = model.pos_embed.float().repeat(1, 4, 1) + E.sincos_time(E.token_coords(tau, 4, 4)[..., 0], 32, model.time_frac)
+    torch.testing.assert_close(model.positions(ts, tau_offset=off).add, want)
+    assert torch.equal(model.positions(ts, tau_offset=torch.zeros(2)).add, model.positions(ts).add)
 
 
 def test_rope_is_relative_in_time():

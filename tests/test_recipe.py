@@ -103,6 +103,7 @@ def test_impossible_values(tmp_path):
         ({"train": {"lr": -1}}, "train.lr"),
         ({"train": {"steps": 0}}, "train.steps"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+        ({"train": {"time_shift": -0.5}}, "train.time_shift"),
         ({"objective": {"a": 1.0}}, "objective.a"),
         ({"data": {"fps_min": 40, "fps_max": 30}}, "data.fps_min"),
         ({"data": {"height": 30}, "model": {"patch_size": 4}}, "data.height"),
