@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=None)
     p.add_argument("--step-size", type=float, default=None)
     p.add_argument("--tol", type=float, default=None)
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance at sampling (1 = none; the class sets the direction of motion)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long", action="store_true", help="4x the training steps and 2x the samples")
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     frames = args.frames or base.data.num_frames
-    sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol}
+    sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol, "cfg_scale": args.cfg_scale}
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"calibration: {', '.join(modes)}; {steps} steps each on {base.data.source} clips at "
           f"{base.data.fps_min:g}-{base.data.fps_max:g} fps; sampling {frames} frames at "
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
     doc = {
         "command": "python benchmarks/bench_calibration.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "recipe": str(args.recipe), "steps": steps, "frames": frames, "samples_per_class": args.samples,
+        "sampler": sampler,
         "train_fps": [base.data.fps_min, base.data.fps_max], "rates": [str(r) for r in rates],
         "speeds_px_per_s": [motion.speed(k) for k in range(motion.num_classes)],
         "train_seconds": timings, "results": results, "worst_median_error": worst,

@@ -26,12 +26,13 @@ def test_calibration_pipeline_runs_end_to_end(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "calib"
     code = bench.main(["--steps", "3", "--samples", "1", "--rates", "6,24,60", "--modes", "seconds,index,fps-embed",
-                       "--sample-steps", "3", "--out", str(out), *SMALL])
+                       "--sample-steps", "3", "--cfg-scale", "1.5", "--out", str(out), *SMALL])
     assert code == 0
     printed = capsys.readouterr().out
     assert "median relative speed error" in printed and "worst median error per mode" in printed
     doc = json.loads((out / "results.json").read_text())
     assert doc["rates"] == ["6", "24", "60"] and doc["steps"] == 3 and doc["frames"] == 4
+    assert doc["sampler"]["cfg_scale"] == 1.5 and doc["sampler"]["steps"] == 3
     for mode in ("seconds", "index", "fps-embed"):
         for rate in doc["rates"]:
             res = doc["results"][mode][rate]
