@@ -7,6 +7,7 @@ previews written and decoded with PyAV), only small: 16x16 frames, 4 frames, 2 b
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -263,6 +264,38 @@ def test_two_processes_train_one_model(tmp_path):
     assert C.weights_checksum(model) == sums[0]
     assert "global batch 4" in (run / "log.txt").read_text()  # 2 per process x 2 processes
     assert (run / "log.txt").read_text().count("done: step 3") == 1  # only the main process writes
+
+
+SHUTDOWN_PROBE = """
+import os, sys, torch
+from eqm.recipe import load_recipe
+from eqm.train import _build_accelerator, shutdown_distributed
+acc = _build_accelerator(load_recipe(sys.argv[1], []), None, print)
+torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())  # the first optimizer imports torch._dynamo
+acc.wait_for_everyone()
+shutdown_distributed()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {acc.process_index} gloo threads {sum('gloo' in n for n in names)}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_shutdown_joins_the_gloo_threads_before_exit(tmp_path):
+    """Gloo worker threads left to interpreter exit can abort a rank that finished (SIGABRT,
+    'terminate called without an active exception'); shutdown_distributed must end them."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    script = tmp_path / "probe.py"
+    script.write_text(SHUTDOWN_PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(TINY)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the two ranks' lines can interleave on the shared stdout
+    assert sorted(re.findall(r"rank \d gloo threads \d+", proc.stdout)) == [
+        "rank 0 gloo threads 0", "rank 1 gloo threads 0"], proc.stdout
 
 
 def test_trains_on_real_files_from_a_folder_and_a_probe_manifest(tmp_path):

@@ -56,9 +56,12 @@ def train(
             _validate(rec)
             return
 
-        from eqm.train import train as run_training
+        from eqm.train import shutdown_distributed, train as run_training
 
-        result = run_training(rec, run_dir, resume, runs_root=runs_root, warn=warn)
+        try:
+            result = run_training(rec, run_dir, resume, runs_root=runs_root, warn=warn)
+        finally:
+            shutdown_distributed()
         if result.last_checkpoint is not None:
             err_console.print(f"[green]trained[/] {result.step} steps; checkpoint {result.last_checkpoint}", highlight=False)
 
