@@ -243,19 +243,24 @@ def test_divergence_stops_with_exit_1_and_keeps_last_good_checkpoint(tmp_path):
 # --- several processes -----------------------------------------------------------------------
 
 
-def test_two_processes_train_one_model(tmp_path):
+def _launch_two_cpu_ranks(args, cwd):
+    """`accelerate launch` with 2 gloo ranks on the CPU (see eqm.train's module doc for why
+    --multi_gpu); skips when the launcher is missing; asserts the launch succeeded."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate launcher is not on PATH")
-    run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "eqmctl.cli",
-        "train", str(TINY), *FAST, "train.steps=3", "train.batch_size=2", "--run-dir", str(run),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_train_one_model(tmp_path):
+    run = tmp_path / "run"
+    _launch_two_cpu_ranks(["-m", "eqmctl.cli", "train", str(TINY), *FAST, "train.steps=3", "train.batch_size=2",
+                           "--run-dir", str(run)], cwd=tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3
     sums = summary["rank_checksums"]
@@ -283,16 +288,9 @@ print(f"rank {acc.process_index} gloo threads {sum('gloo' in n for n in names)}"
 def test_shutdown_joins_the_gloo_threads_before_exit(tmp_path):
     """Gloo worker threads left to interpreter exit can abort a rank that finished (SIGABRT,
     'terminate called without an active exception'); shutdown_distributed must end them."""
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if accelerate is None:
-        pytest.skip("the accelerate launcher is not on PATH")
     script = tmp_path / "probe.py"
     script.write_text(SHUTDOWN_PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(TINY)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _launch_two_cpu_ranks([str(script), str(TINY)], cwd=tmp_path)
     # the two ranks' lines can interleave on the shared stdout
     assert sorted(re.findall(r"rank \d gloo threads \d+", proc.stdout)) == [
         "rank 0 gloo threads 0", "rank 1 gloo threads 0"], proc.stdout
