@@ -75,6 +75,17 @@ def motion_of(recipe):
     return motion
 
 
+def clip_frames(recipe, rates) -> int:
+    """One frame count for every rate and mode: the training clip length, or fewer if the clip at the
+    lowest rate would otherwise reach past the longest training clip in seconds (what `eqmctl sample`
+    does by default; past it the motion stalls and the table would measure extrapolation)."""
+    from eqm.generate import TrainedSpan
+
+    span = TrainedSpan(mode="seconds", ref_fps=1.0, num_frames=recipe.data.num_frames,
+                       fps_min=recipe.data.fps_min, shift=recipe.train.time_shift)
+    return min(span.frames_within(r, recipe.data.num_frames) for r in rates)
+
+
 def measure(model, motion, rate, *, frames: int, per_class: int, seed: int, sampler: dict, batch_size: Optional[int]):
     """Generate per_class clips of every class at `rate`; return per-sample rows."""
     import torch
@@ -198,7 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--rates", default="6,12,24,48,60", help="sampling rates (fps)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the recipe's)")
     p.add_argument("--samples", type=int, default=8, help="generated clips per class and rate")
-    p.add_argument("--frames", type=int, default=None, help="frames per generated clip (default: the training clip length)")
+    p.add_argument("--frames", type=int, default=None, help="frames per generated clip (default: the training clip length, shortened so that "
+                   "the clip at the lowest rate stays within the seconds the models were trained on)")
     p.add_argument("--sampler", default="gd")
     p.add_argument("--sample-steps", type=int, default=None)
     p.add_argument("--step-size", type=float, default=None)
@@ -241,7 +253,7 @@ def main(argv=None) -> int:
     except EqmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    frames = args.frames or base.data.num_frames
+    frames = args.frames or clip_frames(base, rates)
     sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol, "cfg_scale": args.cfg_scale}
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"calibration: {', '.join(modes)}; {steps} steps each on {base.data.source} clips at "

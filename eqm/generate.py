@@ -83,6 +83,101 @@ def resolve_num_frames(fps: Fraction, frames: Optional[int] = None, seconds: Opt
     return n
 
 
+@dataclass(frozen=True)
+class TrainedSpan:
+    """How far in time a model's training clips reached, read from its checkpoint's recipe.
+
+    A clip's positions run from tau 0 to ``tau_max`` in training (the longest clip: ``num_frames``
+    frames at ``fps_min``, plus ``train.time_shift``).  Past that the model meets positions it never
+    saw, and the calibration (docs/calibration.md) measured what happens: the motion stalls on the
+    frames beyond the span.  tau is seconds * ref_fps in seconds mode, the frame index otherwise.
+    """
+
+    mode: str
+    ref_fps: float
+    num_frames: int
+    fps_min: float
+    shift: float  # train.time_shift, seconds
+
+    @property
+    def tau_max(self) -> float:
+        if self.mode == "seconds":
+            return ((self.num_frames - 1) / self.fps_min + self.shift) * self.ref_fps
+        return (self.num_frames - 1) + self.shift * self.ref_fps
+
+    @property
+    def seconds(self) -> float:
+        """Longest span in seconds (seconds mode)."""
+        return self.tau_max / self.ref_fps
+
+    def tau_last(self, fps, num_frames: int) -> float:
+        """tau of the last frame of a clip of ``num_frames`` frames at ``fps``."""
+        if self.mode == "seconds":
+            return (num_frames - 1) / float(fps) * self.ref_fps
+        return float(num_frames - 1)
+
+    def frames_within(self, fps, limit: int) -> int:
+        """Most frames (at most ``limit``, at least 1) whose last one stays inside the span."""
+        n = limit
+        while n > 1 and self.tau_last(fps, n) > self.tau_max * (1 + 1e-9):
+            n -= 1
+        return n
+
+    def beyond(self, fps, num_frames: int) -> Optional[str]:
+        """A one-line warning when a clip reaches past the span, else None."""
+        if self.tau_last(fps, num_frames) <= self.tau_max * (1 + 1e-9):
+            return None
+        rate = format_fps(parse_fps(fps))
+        trained = f"{self.num_frames} frames at {self.fps_min:g} fps"
+        if self.shift:
+            trained += f" shifted by up to {self.shift:g} s"
+        if self.mode == "seconds":
+            reach = f"{num_frames} frames at {rate} fps last {(num_frames - 1) / float(fps):.3g} s"
+            span = f"the {self.seconds:.3g} s"
+        else:
+            reach = f"{num_frames} frames reach position {num_frames - 1}"
+            span = f"position {self.tau_max:g}, the last"
+        return (f"{reach}, past {span} the model was trained on ({trained}); the frames beyond are "
+                f"extrapolated and their motion tends to stall (--frames {self.frames_within(fps, num_frames)} "
+                "stays inside)")
+
+
+def trained_span(model, recipe: Optional[dict]) -> Optional[TrainedSpan]:
+    """The :class:`TrainedSpan` of a model from its checkpoint's recipe; None if the recipe does not say."""
+    data = (recipe or {}).get("data") or {}
+    train = (recipe or {}).get("train") or {}
+    try:
+        n, fps_min = int(data["num_frames"]), float(data["fps_min"])
+        shift = float(train.get("time_shift") or 0.0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if n < 1 or not (math.isfinite(fps_min) and fps_min > 0) or not (math.isfinite(shift) and shift >= 0):
+        return None
+    return TrainedSpan(mode=str(getattr(model, "time_mode", "seconds")), ref_fps=float(getattr(model, "ref_fps", 1.0)),
+                       num_frames=n, fps_min=fps_min, shift=shift)
+
+
+def plan_frames(model, recipe: Optional[dict], fps, frames: Optional[int] = None,
+                seconds: Optional[float] = None) -> tuple[int, Optional[str]]:
+    """Frames of a clip for ``eqmctl sample`` and a warning if the clip leaves the trained span.
+
+    --frames / --seconds are taken as given (with a warning when they reach past the span).
+    Without them the default is the model's training clip length, shortened at rates below the
+    training range so that the clip stays within the seconds the model was trained on: a 6 fps
+    request of a model trained on 11-frame clips at 8-30 fps gets 8 frames (1.17 s of the 1.25 s).
+    """
+    tp = int(getattr(model, "temporal_patch", 1))
+    span = trained_span(model, recipe)
+    if frames is None and seconds is None and span is not None:
+        n = span.frames_within(parse_fps(fps), int(model.num_frames))
+        if tp > 1:
+            n = max(tp, n - n % tp)
+        T = resolve_num_frames(fps, frames=n, temporal_patch=tp)
+    else:
+        T = resolve_num_frames(fps, frames, seconds, default=model.num_frames, temporal_patch=tp)
+    return T, (span.beyond(parse_fps(fps), T) if span is not None else None)
+
+
 def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_names: Sequence[str] = (),
                  *, flag: str = "--labels") -> Optional[torch.Tensor]:
     """Class label per sample from ``"0,2"`` or class names; cycled over the samples.

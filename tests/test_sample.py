@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from eqm import checkpoint as C
 from eqm.errors import EqmError
-from eqm.generate import generate, parse_labels, resolve_num_frames, sample_noise
+from eqm.generate import generate, parse_labels, plan_frames, resolve_num_frames, sample_noise, trained_span
 from eqm.model import EqMTransformer
 from eqmctl.cli import app
 
@@ -31,9 +31,13 @@ def make_model(time_mode="seconds", seed=0, **kw):
     return m.eval()
 
 
-def save_run(run_dir, model, step=10, **extra):
+def save_run(run_dir, model, step=10, recipe=None, **extra):
     return C.save_checkpoint(run_dir, step, model=model, ema=model, arch=model.arch_config(),
-                             recipe={"name": "t"}, extra=extra or None)
+                             recipe=recipe or {"name": "t"}, extra=extra or None)
+
+
+#: a recipe's data/train sections as state.json carries them: 4-frame clips at 8-30 fps
+SPAN_RECIPE = {"name": "t", "data": {"num_frames": 4, "fps_min": 8.0, "fps_max": 30.0}, "train": {"time_shift": 0.0}}
 
 
 def run(args):
@@ -106,6 +110,35 @@ def test_frames_from_seconds_and_labels():
         parse_labels("sideways", 3, 1, ["up", "left", "down"])
 
 
+def test_default_frames_stay_inside_the_trained_seconds():
+    """A seconds model trained on 4-frame clips at >= 8 fps saw at most 3/8 s: at 4 fps the default
+    clip is 2 frames (1/4 s); inside the training rates it is the full 4.  Explicit counts are
+    kept and warned about; an index model's positions do not depend on the rate."""
+    m = make_model()
+    assert trained_span(m, SPAN_RECIPE).seconds == pytest.approx(3 / 8)
+    assert plan_frames(m, SPAN_RECIPE, Fraction(24)) == (4, None)
+    assert plan_frames(m, SPAN_RECIPE, Fraction(8)) == (4, None)
+    assert plan_frames(m, SPAN_RECIPE, Fraction(4)) == (2, None)
+    assert plan_frames(m, SPAN_RECIPE, Fraction(1)) == (1, None)
+    T, warning = plan_frames(m, SPAN_RECIPE, Fraction(4), frames=4)
+    assert T == 4 and "0.75 s" in warning and "0.375 s" in warning and "--frames 2" in warning
+    T, warning = plan_frames(m, SPAN_RECIPE, Fraction(6), seconds=1.0)
+    assert T == 6 and "--frames 3" in warning
+    # train.time_shift widens the span: 3/8 + 0.5 s
+    shifted = {**SPAN_RECIPE, "train": {"time_shift": 0.5}}
+    assert plan_frames(m, shifted, Fraction(4)) == (4, None)
+    T, warning = plan_frames(m, shifted, Fraction(4), frames=5)
+    assert "shifted by up to 0.5 s" in warning
+    # index mode: positions 0..3 whatever the rate; more frames than trained is what warns
+    idx = make_model("index")
+    assert plan_frames(idx, SPAN_RECIPE, Fraction(4)) == (4, None)
+    T, warning = plan_frames(idx, SPAN_RECIPE, Fraction(60), frames=6)
+    assert T == 6 and "position 5" in warning and "--frames 4" in warning
+    # a checkpoint whose recipe does not say: the training length, no warning
+    assert plan_frames(m, {"name": "t"}, Fraction(4)) == (4, None)
+    assert plan_frames(m, {"data": {"num_frames": "x", "fps_min": 8}}, Fraction(4)) == (4, None)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -159,6 +192,25 @@ def test_cli_gif_warns_above_50fps(tmp_path, ckpt):
     assert code == 0
     warnings = [ln for ln in stderr.splitlines() if ln.startswith("warning")]
     assert len(warnings) == 1 and "GIF" in warnings[0] and "60 fps" in warnings[0]
+
+
+def test_cli_default_frames_and_span_warning(tmp_path):
+    """Through the CLI and a real checkpoint: the 4 fps default stays inside the trained 3/8 s and
+    says nothing; an explicit longer clip is written as asked, with a one-line warning."""
+    ck = save_run(tmp_path / "runs" / "r", make_model(), recipe=SPAN_RECIPE)
+    out = tmp_path / "o"
+    code, stdout, stderr = run(["sample", "--ckpt", str(ck), "--fps", "4", "-N", "1", "--steps", "1",
+                                "--out", str(out), "--json"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["num_frames"] == 2 and len(read_back(out / doc["samples"][0]["file"])[1]) == 2
+    assert "warning" not in stderr
+    code, stdout, stderr = run(["sample", "--ckpt", str(ck), "--fps", "4", "--frames", "4", "-N", "1",
+                                "--steps", "1", "--out", str(tmp_path / "o2"), "--json"])
+    assert code == 0, stderr
+    assert json.loads(stdout)["num_frames"] == 4
+    warnings = [ln for ln in stderr.splitlines() if ln.startswith("warning")]
+    assert len(warnings) == 1 and "past the 0.375 s" in warnings[0]
 
 
 def test_cli_latest_run_is_used_and_named(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ def sample(
         None, "--ckpt", metavar="CKPT|RUN",
         help="Checkpoint directory or run directory (its latest checkpoint). Default: the latest checkpoint of the latest run under --runs-root.",
     ),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames per clip (default: the model's training length)."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames per clip (default: the model's training length, fewer at rates below its training range so the clip stays within the seconds it was trained on)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = round(seconds * fps))."),
     num_samples: int = typer.Option(4, "--num-samples", "-N", help="Number of clips."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
@@ -48,7 +48,7 @@ def sample(
         from eqm.checkpoint import load_model, resolve_checkpoint
         from eqm.errors import EqmError
         from eqm.generate import (
-            FORMATS, check_sampler_options, generate, parse_labels, resolve_device, resolve_num_frames, write_generation,
+            FORMATS, check_sampler_options, generate, parse_labels, plan_frames, resolve_device, write_generation,
         )
         from eqm.timebase import format_fps, parse_fps
 
@@ -67,7 +67,9 @@ def sample(
         if ema and not str(state["weights"]).endswith("ema.safetensors"):
             warn(f"{path} has no EMA weights; using the raw weights")
         class_names = list(state.get("class_names") or [])
-        T = resolve_num_frames(rate, frames, seconds, default=model.num_frames, temporal_patch=model.temporal_patch)
+        T, beyond = plan_frames(model, state.get("recipe"), rate, frames, seconds)
+        if beyond:
+            warn(beyond)
         y = parse_labels(labels, model.num_classes, num_samples, class_names)
 
         progress_cb, bar = None, None
