@@ -48,7 +48,9 @@ def test_shipped_recipe_choices():
     tiny = load_recipe(REPO / "recipes" / "tiny-synthetic.yaml")
     assert tiny.data.source == "synthetic" and tiny.model.time.mode == "seconds"
     assert tiny.data.fps_min <= 8 and tiny.data.fps_max >= 30
-    assert tiny.data.height <= 32 and tiny.data.width <= 32 and tiny.data.num_frames == 8
+    assert tiny.data.height <= 32 and tiny.data.width <= 32 and tiny.data.num_frames == 11
+    # the calibration's 8-frame clips at 6 fps (7/6 s) lie inside the longest training clip
+    assert (tiny.data.num_frames - 1) / tiny.data.fps_min >= 7 / 6
     for name, size in (("ucf101-S2.yaml", "S"), ("ucf101-B2.yaml", "B")):
         r = load_recipe(REPO / "recipes" / name)
         assert r.model.size == size and r.model.patch_size == 2
