@@ -178,6 +178,21 @@ def plan_frames(model, recipe: Optional[dict], fps, frames: Optional[int] = None
     return T, (span.beyond(parse_fps(fps), T) if span is not None else None)
 
 
+def recipe_cfg_scale(recipe: Optional[dict]) -> float:
+    """The guidance scale a checkpoint's recipe samples with (``sample.cfg_scale``; 1 = none).
+
+    `eqmctl sample` and the calibration benchmark use it when --cfg-scale is not given, so a model
+    is sampled the way its recipe (and its training previews) say.  A recipe without the key
+    (or a checkpoint without a recipe) gives 1.
+    """
+    value = ((recipe or {}).get("sample") or {}).get("cfg_scale", 1.0)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return value if math.isfinite(value) and value >= 0 else 1.0
+
+
 def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_names: Sequence[str] = (),
                  *, flag: str = "--labels") -> Optional[torch.Tensor]:
     """Class label per sample from ``"0,2"`` or class names; cycled over the samples.

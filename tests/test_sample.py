@@ -249,3 +249,31 @@ def test_cli_bad_checkpoints(tmp_path, ckpt):
     assert code == 2 and "out of range" in stderr and not out.exists()
     code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "24", "--format", "avi", "--out", str(out)])
     assert code == 2 and "--format" in stderr
+
+
+def test_cli_guidance_defaults_to_the_recipe(tmp_path):
+    """Without --cfg-scale a model is sampled with its recipe's sample.cfg_scale (as its training
+    previews were); the flag overrides it; a recipe without the key means no guidance."""
+    guided = save_run(tmp_path / "runs" / "g", make_model(), recipe={"name": "t", "sample": {"cfg_scale": 2.5}})
+    plain = save_run(tmp_path / "runs" / "p", make_model(), recipe={"name": "t"})
+    got = {}
+    for name, ck, extra in (("recipe", guided, []), ("flag", guided, ["--cfg-scale", "1"]), ("none", plain, [])):
+        code, stdout, stderr = run(["sample", "--ckpt", str(ck), "--fps", "24", "--frames", "4", "-N", "2",
+                                    "--steps", "2", "--tol", "0", "--out", str(tmp_path / name), "--json", *extra])
+        assert code == 0, stderr
+        got[name] = json.loads(stdout)["settings"]["cfg_scale"]
+    assert got == {"recipe": 2.5, "flag": 1.0, "none": 1.0}
+    code, stdout, stderr = run(["sample", "--ckpt", str(guided), "--fps", "24", "--frames", "4", "-N", "1",
+                                "--steps", "1", "--out", str(tmp_path / "table")])
+    assert code == 0, stderr
+    assert "cfg 2.5" in stdout.replace("\n", " ")
+
+
+def test_recipe_cfg_scale_reads_only_valid_values():
+    from eqm.generate import recipe_cfg_scale
+
+    assert recipe_cfg_scale({"sample": {"cfg_scale": 1.5}}) == 1.5
+    assert recipe_cfg_scale({"sample": {"cfg_scale": 0}}) == 0.0
+    for bad in (None, {}, {"sample": None}, {"sample": {}}, {"sample": {"cfg_scale": "x"}},
+                {"sample": {"cfg_scale": float("nan")}}, {"sample": {"cfg_scale": -1}}):
+        assert recipe_cfg_scale(bad) == 1.0

@@ -18,7 +18,7 @@ def sample(
     seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = round(seconds * fps))."),
     num_samples: int = typer.Option(4, "--num-samples", "-N", help="Number of clips."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
-    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the checkpoint recipe's sample.cfg_scale)."),
     sampler: str = typer.Option("gd", "--sampler", help="gd or nag (Nesterov-accelerated gradient descent)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler)."),
@@ -48,7 +48,8 @@ def sample(
         from eqm.checkpoint import load_model, resolve_checkpoint
         from eqm.errors import EqmError
         from eqm.generate import (
-            FORMATS, check_sampler_options, generate, parse_labels, plan_frames, resolve_device, write_generation,
+            FORMATS, check_sampler_options, generate, parse_labels, plan_frames, recipe_cfg_scale, resolve_device,
+            write_generation,
         )
         from eqm.timebase import format_fps, parse_fps
 
@@ -71,6 +72,8 @@ def sample(
         if beyond:
             warn(beyond)
         y = parse_labels(labels, model.num_classes, num_samples, class_names)
+        if cfg_scale is None:
+            cfg_scale = recipe_cfg_scale(state.get("recipe")) if y is not None else 1.0
 
         progress_cb, bar = None, None
         if is_tty() and not json_out:
@@ -107,9 +110,11 @@ def _print_summary(summary, gen, rate: str, state) -> None:
     from rich.table import Table
 
     steps = gen.settings["steps"]
+    cfg = gen.settings.get("cfg_scale", 1.0)
+    guidance = "" if cfg == 1.0 else f", cfg {cfg:g}"
     table = Table(
         title=f"{len(summary.samples)} clips at {rate} fps, {gen.num_frames} frames ({gen.duration:.3f} s) each "
-        f"in {summary.out_dir}/ (step {state.get('step')}, {gen.settings['method']})",
+        f"in {summary.out_dir}/ (step {state.get('step')}, {gen.settings['method']}{guidance})",
         title_justify="left",
     )
     for col in ("file", "label", "frames", "duration", "evals", "final rms"):
