@@ -77,13 +77,19 @@ def motion_of(recipe):
 
 def clip_frames(recipe, rates) -> int:
     """One frame count for every rate and mode: the training clip length, or fewer if the clip at the
-    lowest rate would otherwise reach past the longest training clip in seconds (what `eqmctl sample`
-    does by default; past it the motion stalls and the table would measure extrapolation)."""
+    lowest rate would otherwise reach past the longest training clip in seconds (past it the motion
+    stalls and the table would measure extrapolation in time, not in rate)."""
+    return min(rate_frames(recipe, rates).values())
+
+
+def rate_frames(recipe, rates) -> dict:
+    """Frames per rate as `eqmctl sample` picks them by default (eqm.generate.plan_frames): the
+    training clip length, shortened only at rates where it would reach past the trained seconds."""
     from eqm.generate import TrainedSpan
 
     span = TrainedSpan(mode="seconds", ref_fps=1.0, num_frames=recipe.data.num_frames,
                        fps_min=recipe.data.fps_min, shift=recipe.train.time_shift)
-    return min(span.frames_within(r, recipe.data.num_frames) for r in rates)
+    return {r: span.frames_within(r, recipe.data.num_frames) for r in rates}
 
 
 def measure(model, motion, rate, *, frames: int, per_class: int, seed: int, sampler: dict, batch_size: Optional[int]):
@@ -211,12 +217,16 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8, help="generated clips per class and rate")
     p.add_argument("--frames", type=int, default=None, help="frames per generated clip (default: the training clip length, shortened so that "
                    "the clip at the lowest rate stays within the seconds the models were trained on)")
+    p.add_argument("--frames-per-rate", action="store_true",
+                   help="each rate gets the clip `eqmctl sample` makes by default: the training clip length, shortened "
+                        "only at rates where it would reach past the trained seconds (instead of one count for all rates)")
     p.add_argument("--sampler", default="gd")
     p.add_argument("--sample-steps", type=int, default=None)
     p.add_argument("--step-size", type=float, default=None)
     p.add_argument("--tol", type=float, default=None)
-    p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="classifier-free guidance at sampling (1 = none; the class sets the direction of motion)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance at sampling, 1 = none (default: the recipe's sample.cfg_scale, "
+                        "as `eqmctl sample` uses it; the class sets the direction of motion)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long", action="store_true", help="4x the training steps and 2x the samples")
@@ -253,17 +263,27 @@ def main(argv=None) -> int:
     except EqmError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    frames = args.frames or clip_frames(base, rates)
-    sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol, "cfg_scale": args.cfg_scale}
+    if args.frames and args.frames_per_rate:
+        print("error: --frames and --frames-per-rate exclude each other", file=sys.stderr)
+        return 2
+    if args.frames_per_rate:
+        frames_at = rate_frames(base, rates)
+    else:
+        frames_at = dict.fromkeys(rates, args.frames or clip_frames(base, rates))
+    counts = sorted(set(frames_at.values()))
+    frames_text = (f"{counts[0]} frames" if len(counts) == 1 else
+                   "/".join(str(frames_at[r]) for r in rates) + " frames")
+    cfg_scale = base.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol, "cfg_scale": cfg_scale}
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"calibration: {', '.join(modes)}; {steps} steps each on {base.data.source} clips at "
-          f"{base.data.fps_min:g}-{base.data.fps_max:g} fps; sampling {frames} frames at "
-          f"{', '.join(format_fps(r) for r in rates)} fps, {args.samples} clips per class", flush=True)
+          f"{base.data.fps_min:g}-{base.data.fps_max:g} fps; sampling {frames_text} at "
+          f"{', '.join(format_fps(r) for r in rates)} fps, {args.samples} clips per class, guidance {cfg_scale:g}", flush=True)
 
     motion = motion_of(base)
     results: dict = {"data": {}}
     for r in rates:
-        rows = measure_data(motion, r, frames=frames, per_class=args.samples, seed=args.seed)
+        rows = measure_data(motion, r, frames=frames_at[r], per_class=args.samples, seed=args.seed)
         results["data"][str(r)] = None if rows is None else summarize(rows)
     timings = {}
     for mode in modes:
@@ -274,7 +294,7 @@ def main(argv=None) -> int:
         results[mode] = {}
         t0 = time.time()
         for r in rates:
-            rows = measure(model, motion, r, frames=frames, per_class=args.samples, seed=args.seed,
+            rows = measure(model, motion, r, frames=frames_at[r], per_class=args.samples, seed=args.seed,
                            sampler=sampler, batch_size=args.batch_size)
             results[mode][str(r)] = summarize(rows) | {"rows": rows}
         print(f"  [{mode}] trained in {secs:.0f} s, sampled in {time.time() - t0:.0f} s", flush=True)
@@ -299,7 +319,7 @@ def main(argv=None) -> int:
 
     doc = {
         "command": "python benchmarks/bench_calibration.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "recipe": str(args.recipe), "steps": steps, "frames": frames, "samples_per_class": args.samples,
+        "recipe": str(args.recipe), "steps": steps, "frames": {str(r): n for r, n in frames_at.items()}, "samples_per_class": args.samples,
         "sampler": sampler,
         "train_fps": [base.data.fps_min, base.data.fps_max], "rates": [str(r) for r in rates],
         "speeds_px_per_s": [motion.speed(k) for k in range(motion.num_classes)],

@@ -33,7 +33,8 @@ def test_calibration_pipeline_runs_end_to_end(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     # 4-frame training clips at >= 8 fps span 3/8 s: at 6 fps 3 frames (1/3 s) stay inside, so every
     # rate samples 3 frames (one count for all rates keeps the rows comparable)
-    assert doc["rates"] == ["6", "24", "60"] and doc["steps"] == 3 and doc["frames"] == 3
+    assert doc["rates"] == ["6", "24", "60"] and doc["steps"] == 3
+    assert doc["frames"] == {"6": 3, "24": 3, "60": 3}
     assert doc["sampler"]["cfg_scale"] == 1.5 and doc["sampler"]["steps"] == 3
     for mode in ("seconds", "index", "fps-embed"):
         for rate in doc["rates"]:
@@ -47,16 +48,21 @@ def test_calibration_pipeline_runs_end_to_end(tmp_path, capsys):
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| fps |") and len(table) == 2 + 3 and table[3].startswith("| 24 (train) |")
 
-    # a second run reuses the finished runs instead of training again
-    code = bench.main(["--steps", "3", "--samples", "1", "--rates", "12", "--modes", "index",
+    # a second run reuses the finished runs instead of training again; --frames-per-rate gives each
+    # rate the clip `eqmctl sample` makes by default: 4 frames at 12 fps, 3 at 6 fps
+    code = bench.main(["--steps", "3", "--samples", "1", "--rates", "6,12", "--modes", "index", "--frames-per-rate",
                        "--sample-steps", "2", "--out", str(out), *SMALL])
     assert code == 0
-    assert json.loads((out / "results.json").read_text())["train_seconds"]["index"] == 0.0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["train_seconds"]["index"] == 0.0 and doc["frames"] == {"6": 3, "12": 4}
+    assert "sampling 3/4 frames at" in capsys.readouterr().out
 
 
 def test_calibration_rejects_bad_arguments(tmp_path, capsys):
     bench = load_bench()
     assert bench.main(["--modes", "frames", "--out", str(tmp_path / "c")]) == 2
     assert bench.main(["--rates", "0", "--out", str(tmp_path / "c")]) == 2
+    assert bench.main(["--frames", "5", "--frames-per-rate", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert "unknown mode 'frames'" in err and "--rates" in err
+    assert "unknown mode 'frames'" in err and "--rates" in err and "exclude each other" in err
+    assert not (tmp_path / "c").exists()
