@@ -18,7 +18,7 @@ per frame constant, so its ratio follows fps / (the rate it learned): too slow b
 rates, too fast above.  Written to --out: results.json, calibration.png and the three run
 directories (checkpoints included, so `eqmctl sample` can be pointed at them).
 
-    python benchmarks/bench_calibration.py                   # CPU, ~15 minutes on 2 cores
+    python benchmarks/bench_calibration.py                   # CPU: the recipe's 1200 steps per mode
     python benchmarks/bench_calibration.py --long            # longer training, more samples
     python benchmarks/bench_calibration.py --steps 200 --samples 2 --modes seconds,index   # quick look
 
@@ -57,11 +57,16 @@ def train_mode(recipe_path: Path, mode: str, out: Path, overrides: Sequence[str]
     ck = latest_checkpoint(run_dir)
     if ck is not None and resume:
         state = load_state(ck)
-        if state["step"] >= recipe.train.steps and state.get("recipe") == recipe.to_dict():
-            return run_dir, recipe, 0.0  # already trained with exactly this recipe
+        if state["step"] >= recipe.train.steps and _training_part(state.get("recipe")) == _training_part(recipe.to_dict()):
+            return run_dir, recipe, 0.0  # already trained with exactly this recipe (sampling settings aside)
     t0 = time.time()
     train(recipe, run_dir, resume=str(ck) if ck is not None and resume else None, log=log or (lambda _l: None))
     return run_dir, recipe, time.time() - t0
+
+
+def _training_part(recipe: Optional[dict]) -> Optional[dict]:
+    """A recipe without its ``sample`` section: how a run samples does not change what it trained."""
+    return None if recipe is None else {k: v for k, v in recipe.items() if k != "sample"}
 
 
 def motion_of(recipe):

@@ -50,11 +50,13 @@ def test_calibration_pipeline_runs_end_to_end(tmp_path, capsys):
 
     # a second run reuses the finished runs instead of training again; --frames-per-rate gives each
     # rate the clip `eqmctl sample` makes by default: 4 frames at 12 fps, 3 at 6 fps
+    # (a different sample.cfg_scale does not make it train again: sampling settings aside, same recipe)
     code = bench.main(["--steps", "3", "--samples", "1", "--rates", "6,12", "--modes", "index", "--frames-per-rate",
-                       "--sample-steps", "2", "--out", str(out), *SMALL])
+                       "--sample-steps", "2", "--out", str(out), *SMALL, "sample.cfg_scale=2"])
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["train_seconds"]["index"] == 0.0 and doc["frames"] == {"6": 3, "12": 4}
+    assert doc["sampler"]["cfg_scale"] == 2.0  # the recipe's guidance when --cfg-scale is not given
     assert "sampling 3/4 frames at" in capsys.readouterr().out
 
 
