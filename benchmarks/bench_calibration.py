@@ -275,9 +275,8 @@ def main(argv=None) -> int:
         frames_at = rate_frames(base, rates)
     else:
         frames_at = dict.fromkeys(rates, args.frames or clip_frames(base, rates))
-    counts = sorted(set(frames_at.values()))
-    frames_text = (f"{counts[0]} frames" if len(counts) == 1 else
-                   "/".join(str(frames_at[r]) for r in rates) + " frames")
+    counts = [frames_at[r] for r in rates]
+    frames_text = f"{counts[0] if len(set(counts)) == 1 else '/'.join(map(str, counts))} frames"
     cfg_scale = base.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
     sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol, "cfg_scale": cfg_scale}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -181,9 +181,9 @@ def plan_frames(model, recipe: Optional[dict], fps, frames: Optional[int] = None
 def recipe_cfg_scale(recipe: Optional[dict]) -> float:
     """The guidance scale a checkpoint's recipe samples with (``sample.cfg_scale``; 1 = none).
 
-    `eqmctl sample` and the calibration benchmark use it when --cfg-scale is not given, so a model
-    is sampled the way its recipe (and its training previews) say.  A recipe without the key
-    (or a checkpoint without a recipe) gives 1.
+    `eqmctl sample` uses it when --cfg-scale is not given, so a model is sampled the way its recipe
+    (and its training previews) say; it reads the recipe dict a checkpoint carries.  A recipe without
+    the key (or a checkpoint without a recipe) gives 1.
     """
     value = ((recipe or {}).get("sample") or {}).get("cfg_scale", 1.0)
     try:
