@@ -22,7 +22,8 @@ sincos (added to the tokens)
     channels [D/2, D)            row:  [sin(w_i row) | cos(w_i row)]
     d_t = time_frac * D          tau:  [sin(v_j tau) | cos(v_j tau) - 1], v_j = 10000^(-2j/d_t),
     (default 1/4, at most 1/2)   the sin half added onto channels [D/2 - d_t/2, D/2), the
-                                 cos-1 half onto [D - d_t/2, D)
+                                 cos-1 half onto [D - d_t/2, D), fastest frequency first
+                                 (``time_order`` "aligned"; "paired" reverses it, below)
     ==========================  =======================================================
 
     The spatial part is exactly DiT/MAE ``get_2d_sincos_pos_embed`` (DiT builds its grid with
@@ -31,9 +32,16 @@ sincos (added to the tokens)
     given channels of its own, and is written as ``cos - 1`` so that it vanishes at tau = 0: a
     single frame (T = 1) therefore encodes bit-for-bit like the official image model, and an
     image checkpoint keeps its meaning inside a video model.  It sits on the cos-halves of the
-    lowest spatial frequencies, where the 2D code is almost constant over the grid (the lower
-    half of the frequencies are <= 0.01 rad/patch: over a 16-patch grid they move by < 0.012,
-    against a temporal amplitude of up to 2), so the two signals barely interfere.
+    spatial code, temporal frequency j of m = d_t/2 on spatial frequency n-m+j (``time_order``
+    "aligned", the default).  While d_t <= D/4 those are the flat lower half of the spatial
+    frequencies (<= 0.01 rad/patch: over a 16-patch grid they move by < 0.012, against a temporal
+    amplitude of up to 2), so the two signals barely interfere.  At time_frac 1/2 (the tiny
+    recipe) they are all of them: v_0 = w_0 = 1, sin(tau) is added onto cos(col) and cos(tau) - 1
+    onto cos(row).  ``time_order`` "paired" reverses the temporal frequencies (j on spatial
+    frequency n-1-j), so wherever one code varies the other is almost flat (test_embed measures
+    the overlap: 2.0 aligned, 0.11 paired at 1/2).  Measured in the motion-speed calibration
+    (docs/calibration.md), the paired layout generated motion far too slow at 48-60 fps, rates
+    above the training range, so "aligned" stays the default; "paired" is there to repeat it.
 
 rope (rotary, applied to q and k inside attention)
     Each head's channels are split into three even-sized groups [t | row | col]: d_t = the even
@@ -94,6 +102,17 @@ BASE = 10000.0
 
 TIME_MODES = ("seconds", "index", "fps-embed")
 POS_KINDS = ("sincos", "rope")
+#: Where the sincos temporal frequencies sit on the spatial code's channels (module docstring).
+TIME_ORDERS = ("paired", "aligned")
+DEFAULT_TIME_ORDER = "aligned"
+#: The layout of checkpoints whose arch predates ``time_order`` (the only one there was).
+LEGACY_TIME_ORDER = "aligned"
+
+
+def check_time_order(order: str) -> str:
+    if order not in TIME_ORDERS:
+        raise EqmError(f"model.time.order must be one of {', '.join(TIME_ORDERS)}, got {order!r}")
+    return order
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +260,12 @@ def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, *, base: float =
     return torch.cat([sincos_1d(cols, dim // 2, base=base), sincos_1d(rows, dim // 2, base=base)], dim=-1)
 
 
-def sincos_time(tau: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:
+def sincos_time(
+    tau: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE,
+    order: str = DEFAULT_TIME_ORDER,
+) -> torch.Tensor:
     """The temporal part of the sincos code, laid out over all dim channels: (..., dim), 0 at tau=0."""
+    check_time_order(order)
     d_t = sincos_time_channels(dim, time_frac)
     out = tau.new_zeros(*tau.shape, dim, dtype=torch.float32)
     if d_t == 0:
@@ -250,9 +273,21 @@ def sincos_time(tau: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRA
     m = d_t // 2
     sin_at, cos_at = sincos_time_slices(dim, time_frac)
     code = sincos_1d(tau, d_t, base=base)
-    out[..., sin_at] = code[..., :m]            # sin(v tau) on col's flattest cos channels
-    out[..., cos_at] = code[..., m:] - 1.0      # cos(v tau) - 1 on row's flattest cos channels
+    if order == "paired":  # fastest temporal frequency on the last (flattest) spatial channel
+        code = torch.cat([code[..., :m].flip(-1), code[..., m:].flip(-1)], dim=-1)
+    out[..., sin_at] = code[..., :m]            # sin(v tau) on col's cos channels
+    out[..., cos_at] = code[..., m:] - 1.0      # cos(v tau) - 1 on row's cos channels
     return out
+
+
+def read_sincos_time(code: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, order: str = DEFAULT_TIME_ORDER):
+    """Invert the layout of :func:`sincos_time`: (..., dim) -> (sin part, cos - 1 part), each (..., d_t/2), fastest first."""
+    check_time_order(order)
+    sin_at, cos_at = sincos_time_slices(dim, time_frac)
+    sin_part, cos_part = code[..., sin_at], code[..., cos_at]
+    if order == "paired":
+        sin_part, cos_part = sin_part.flip(-1), cos_part.flip(-1)
+    return sin_part, cos_part
 
 
 def sincos_time_slices(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[slice, slice]:
@@ -265,10 +300,13 @@ def sincos_time_slices(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[
     return slice(dim // 2 - m, dim // 2), slice(dim - m, dim)
 
 
-def sincos_3d(coords: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:
+def sincos_3d(
+    coords: torch.Tensor, dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE,
+    order: str = DEFAULT_TIME_ORDER,
+) -> torch.Tensor:
     """Full sincos code of per-token coordinates (..., 3) = (tau, row, col) -> (..., dim)."""
     tau, rows, cols = coords.unbind(-1)
-    return sincos_2d(rows, cols, dim, base=base) + sincos_time(tau, dim, time_frac, base=base)
+    return sincos_2d(rows, cols, dim, base=base) + sincos_time(tau, dim, time_frac, base=base, order=order)
 
 
 def sincos_grid_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -80,6 +80,7 @@ class EmbedConfig:
     time_mode: str = "seconds"
     ref_fps: float = E.DEFAULT_REF_FPS
     time_frac: float = E.DEFAULT_TIME_FRAC
+    time_order: str = E.DEFAULT_TIME_ORDER
     hidden_size: int = DEFAULT_HIDDEN_SIZE
     num_heads: int = DEFAULT_NUM_HEADS
     temporal_patch: int = 1
@@ -96,6 +97,8 @@ class EmbedConfig:
             raise EqmError(f"time mode must be one of {', '.join(E.TIME_MODES)}, got {self.time_mode!r}")
         if not (isinstance(self.ref_fps, (int, float)) and math.isfinite(self.ref_fps) and self.ref_fps > 0):
             raise EqmError(f"ref_fps must be a positive number, got {self.ref_fps!r}")
+        if self.time_order not in E.TIME_ORDERS:
+            raise EqmError(f"time order must be one of {', '.join(E.TIME_ORDERS)}, got {self.time_order!r}")
         if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
             raise EqmError(f"hidden size must be a positive integer, got {self.hidden_size!r}")
         if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.hidden_size % self.num_heads:
@@ -133,13 +136,15 @@ class EmbedConfig:
         else:
             width = f"{self.time_channels} time channels of each {self.head_dim}-dim head"
         patch = f", temporal patch {self.temporal_patch}" if self.temporal_patch > 1 else ""
-        return f"{self.pos}, {mode}, {width}{patch}"
+        layout = f", {self.time_order} layout" if self.pos == "sincos" and self.time_order != E.DEFAULT_TIME_ORDER else ""
+        return f"{self.pos}, {mode}, {width}{layout}{patch}"
 
 
 def config_from_arch(arch: dict, source: str = "arch") -> EmbedConfig:
     """EmbedConfig from EqMTransformer kwargs (``model.arch_config()`` / state.json ``arch``).
 
-    Missing keys take the model's defaults, as EqMTransformer(**arch) would.
+    Missing keys take the model's defaults, as EqMTransformer(**arch) would, except
+    ``time_order``: an arch without it was saved before the key existed and has the first layout.
     """
     if not isinstance(arch, dict):
         raise EqmError(f"{source}: 'arch' must be a mapping of model options")
@@ -150,6 +155,7 @@ def config_from_arch(arch: dict, source: str = "arch") -> EmbedConfig:
         time_mode=arch.get("time_mode", "seconds"),
         ref_fps=float(ref) if isinstance(ref, (int, float)) else ref,
         time_frac=float(frac) if isinstance(frac, (int, float)) else frac,
+        time_order=arch.get("time_order", E.LEGACY_TIME_ORDER),
         hidden_size=arch.get("hidden_size", DEFAULT_HIDDEN_SIZE),
         num_heads=arch.get("num_heads", DEFAULT_NUM_HEADS),
         temporal_patch=arch.get("temporal_patch", 1),
@@ -212,10 +218,11 @@ def temporal_code(cfg: EmbedConfig, timestamps: torch.Tensor, *, as_added: bool 
         ts, ts.shape[1], time_mode=cfg.time_mode, ref_fps=cfg.ref_fps, temporal_patch=cfg.temporal_patch,
     )
     if cfg.pos == "sincos":
-        full = E.sincos_time(tau, cfg.hidden_size, cfg.time_frac)  # (B, T', D), zero outside the time channels
-        sin_at, cos_at = E.sincos_time_slices(cfg.hidden_size, cfg.time_frac)
-        cos_part = full[..., cos_at] if as_added else full[..., cos_at] + 1.0  # undo the image-compat "- 1"
-        return torch.cat([full[..., sin_at], cos_part], dim=-1)
+        full = E.sincos_time(tau, cfg.hidden_size, cfg.time_frac, order=cfg.time_order)  # (B, T', D), zero outside the time channels
+        sin_part, cos_part = E.read_sincos_time(full, cfg.hidden_size, cfg.time_frac, order=cfg.time_order)
+        if not as_added:
+            cos_part = cos_part + 1.0  # undo the image-compat "- 1"
+        return torch.cat([sin_part, cos_part], dim=-1)
     coords = E.token_coords(tau, 1, 1)  # (tau, row 0, col 0): the row and column groups stay unrotated
     cos, sin = E.rope_cos_sin(coords, cfg.head_dim, cfg.time_frac)  # (B, 1, T', head_dim / 2), groups [t | row | col]
     n = cfg.time_channels // 2

@@ -252,6 +252,7 @@ class EqMTransformer(nn.Module):
         ref_fps=E.DEFAULT_REF_FPS,
         time_frac=E.DEFAULT_TIME_FRAC,
         energy=None,
+        time_order=E.DEFAULT_TIME_ORDER,
     ):
         super().__init__()
         H, W = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -269,6 +270,7 @@ class EqMTransformer(nn.Module):
             raise EqmError(f"objective.energy must be none, dot or l2, got {energy!r}")
         if not (isinstance(ref_fps, (int, float)) and math.isfinite(ref_fps) and ref_fps > 0):
             raise EqmError(f"model.time.ref_fps must be a positive number, got {ref_fps!r}")
+        E.check_time_order(time_order)
         # Check the channel split now (raises with the numbers), not at the first forward.
         if pos == "sincos":
             E.sincos_time_channels(hidden_size, time_frac)
@@ -292,6 +294,7 @@ class EqMTransformer(nn.Module):
         self.time_mode = time_mode
         self.ref_fps = float(ref_fps)
         self.time_frac = float(time_frac)
+        self.time_order = time_order
         self.energy = energy
         self.grid = (H // patch_size, W // patch_size)
 
@@ -362,7 +365,7 @@ class EqMTransformer(nn.Module):
         add = rope = fps = None
         if self.pos == "sincos":
             spatial = self.pos_embed.float().repeat(1, tau.shape[1], 1)  # the (loadable) image table, per frame
-            add = spatial + E.sincos_time(coords[..., 0], self.hidden_size, self.time_frac)
+            add = spatial + E.sincos_time(coords[..., 0], self.hidden_size, self.time_frac, order=self.time_order)
         else:
             rope = E.rope_cos_sin(coords, self.hidden_size // self.num_heads, self.time_frac)
         if self.time_mode == "fps-embed":
@@ -483,6 +486,7 @@ class EqMTransformer(nn.Module):
             time_mode=self.time_mode,
             ref_fps=self.ref_fps,
             time_frac=self.time_frac,
+            time_order=self.time_order,
             energy=self.energy,
         )
 

@@ -72,6 +72,14 @@ class TimeConfig:
         "share of channels carrying the temporal code (sincos: of hidden_size, at most 1/2; rope: of "
         "each head's dim); the rest is split between rows and columns; null = model default (0.25)",
     )
+    order: Optional[Literal["paired", "aligned"]] = _f(
+        None,
+        "sincos only: where the temporal frequencies sit on the spatial code's channels. aligned: "
+        "fastest temporal on the fastest of the channels used (at frac 0.5 on the fastest spatial "
+        "frequency); paired: fastest temporal on the flattest spatial channel (measured slower "
+        "motion at 48-60 fps, docs/calibration.md); null = aligned for a new model, the "
+        "checkpoint's own layout when resuming",
+    )
 
 
 @dataclass

@@ -62,6 +62,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint as ckpt_io
+from .embed import DEFAULT_TIME_ORDER
 from .errors import EqmError
 from .recipe import Recipe, recipe_from_dict
 
@@ -176,19 +177,43 @@ def model_kwargs(recipe: Recipe, num_classes: int) -> dict:
         kw["ref_fps"] = float(m.time.ref_fps)
     if m.time.frac is not None:
         kw["time_frac"] = float(m.time.frac)
+    kw["time_order"] = m.time.order or DEFAULT_TIME_ORDER
     for k in ("hidden_size", "depth", "num_heads"):
         if getattr(m, k) is not None:
             kw[k] = getattr(m, k)
     return kw
 
 
-def build_model(recipe: Recipe, num_classes: int):
-    """The model of a recipe, initialised from ``train.seed`` (identical on every rank)."""
+def build_model(recipe: Recipe, num_classes: int, *, time_order: Optional[str] = None):
+    """The model of a recipe, initialised from ``train.seed`` (identical on every rank).
+
+    time_order: the sincos layout to use instead of the recipe's (a resumed run keeps its checkpoint's).
+    """
     from .model import create_model
 
+    kw = model_kwargs(recipe, num_classes)
+    if time_order is not None:
+        kw["time_order"] = time_order
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
-        return create_model(recipe.model.size, **model_kwargs(recipe, num_classes))
+        return create_model(recipe.model.size, **kw)
+
+
+def resume_time_order(recipe: Recipe, state: dict, ckpt) -> str:
+    """The sincos layout a run resumed from ``ckpt`` keeps: the checkpoint's own.
+
+    ``model.time.order: null`` means "new models get the default", not "change this run's layout";
+    an explicit order that differs from the checkpoint's is an error, since the weights were
+    trained against the other layout and would load without complaint.
+    """
+    saved = ckpt_io.saved_time_order(state["arch"])
+    asked = recipe.model.time.order
+    if asked is not None and asked != saved:
+        raise EqmError(
+            f"model.time.order is {asked} but {ckpt} was trained with {saved}: "
+            f"set it to {saved} (or null) to resume, or start a new run"
+        )
+    return saved
 
 
 def build_optimizer(model, recipe: Recipe):
@@ -591,14 +616,15 @@ def train(
     # ---- components -------------------------------------------------------------------------
     dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
     num_classes = resolve_num_classes(recipe, dataset)
-    model = build_model(recipe, num_classes).to(device)
+    state = ckpt_io.load_state(resume_ckpt) if resume_ckpt is not None else None
+    order = resume_time_order(recipe, state, resume_ckpt) if state is not None else None
+    model = build_model(recipe, num_classes, time_order=order).to(device)
     arch = model.arch_config()
     ema = EMA(model, t.ema_decay)
     optimizer, scheduler = build_optimizer(model, recipe)
 
     start_step = 0
     if resume_ckpt is not None:
-        state = ckpt_io.load_state(resume_ckpt)
         ckpt_io.load_into(model, ckpt_io.load_weights(resume_ckpt / ckpt_io.MODEL_FILE, device), resume_ckpt / ckpt_io.MODEL_FILE)
         ema_file = resume_ckpt / ckpt_io.EMA_FILE
         ckpt_io.load_into(ema.module, ckpt_io.load_weights(ema_file if ema_file.is_file() else resume_ckpt / ckpt_io.MODEL_FILE, device), ema_file)

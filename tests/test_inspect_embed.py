@@ -19,6 +19,7 @@ from eqm.inspect import (
     EmbedConfig,
     adjacent_similarity,
     clip_timestamps,
+    config_from_arch,
     config_from_checkpoint,
     config_from_recipe,
     frequency_hz,
@@ -125,11 +126,11 @@ def test_codes_are_what_the_model_computes():
     """The heatmap's values are the temporal part of model.positions(): sincos adds them to the
     tokens (frame 0 adds nothing), rope rotates q/k by them."""
     ts = clip_timestamps(30, 0.2)  # 6 frames
-    for pos in ("sincos", "rope"):
+    for pos, order in (("sincos", "paired"), ("sincos", "aligned"), ("rope", "paired")):
         m = EqMTransformer(input_size=8, num_frames=6, patch_size=4, hidden_size=32, depth=1, num_heads=2,
-                           num_classes=2, pos=pos, ref_fps=24.0)
-        cfg = EmbedConfig(pos=pos, hidden_size=32, num_heads=2, ref_fps=24.0)
-        code = temporal_code(cfg, ts, as_added=True)[0]  # (6, d_t)
+                           num_classes=2, pos=pos, ref_fps=24.0, time_order=order)
+        cfg = config_from_arch(m.arch_config())
+        code = temporal_code(cfg, ts, as_added=True)[0]  # (6, d_t), fastest frequency first
         P = m.positions(ts)
         tokens_per_frame = m.grid[0] * m.grid[1]
         first = torch.arange(6) * tokens_per_frame  # the (row 0, col 0) token of every frame
@@ -137,8 +138,11 @@ def test_codes_are_what_the_model_computes():
             d_t = 8  # 0.25 * 32
             sin_at, cos_at = E.sincos_time_slices(32)
             time_part = (P.add[0] - m.pos_embed[0].repeat(6, 1))[first]
-            torch.testing.assert_close(time_part[:, sin_at], code[:, : d_t // 2], atol=1e-6, rtol=0)
-            torch.testing.assert_close(time_part[:, cos_at], code[:, d_t // 2:], atol=1e-6, rtol=0)
+            want_sin, want_cos = code[:, : d_t // 2], code[:, d_t // 2:]
+            if order == "paired":  # the model stores the fastest frequency on the last channel of each half
+                want_sin, want_cos = want_sin.flip(-1), want_cos.flip(-1)
+            torch.testing.assert_close(time_part[:, sin_at], want_sin, atol=1e-6, rtol=0)
+            torch.testing.assert_close(time_part[:, cos_at], want_cos, atol=1e-6, rtol=0)
             assert torch.all(code[0] == 0)  # tau = 0 adds nothing: the image model's code
         else:
             n = 2  # head_dim 16 -> time group of 4 channels -> 2 rotated pairs

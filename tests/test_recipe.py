@@ -96,6 +96,8 @@ def test_wrong_types(tmp_path):
     assert "train.lr" in err(tmp_path, {"train": {"lr": True}})  # a bool is not a number
     msg = err(tmp_path, {"model": {"time": {"mode": "frames"}}})
     assert "model.time.mode" in msg and "'seconds'" in msg
+    msg = err(tmp_path, {"model": {"time": {"order": "sideways"}}})
+    assert "model.time.order" in msg and "'paired'" in msg and "'aligned'" in msg
     assert "'model'" in err(tmp_path, {"model": 3})
     assert "mapping" in err(tmp_path, "- just\n- a list\n")
 

@@ -207,6 +207,34 @@ def test_resume_continues_exactly(tmp_path):
     assert again.run_dir == tmp_path / "part" and again.step == 6
 
 
+def test_resume_keeps_the_checkpoints_time_layout(tmp_path):
+    """A resumed run keeps the sincos layout its checkpoint was trained with; asking for another
+    one is an error.  A checkpoint saved before ``time_order`` existed loads as "aligned"."""
+    run = tmp_path / "paired"
+    train(recipe("train.steps=2", "model.time.order=paired"), run, log=quiet)
+    assert C.load_model(run)[0].time_order == "paired"
+    resumed = train(recipe("train.steps=3"), run, resume="latest", log=quiet, warn=quiet)  # order: null
+    assert resumed.start_step == 2 and resumed.step == 3
+    model, state = C.load_model(run)
+    assert state["arch"]["time_order"] == "paired" and model.time_order == "paired"
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=4", "model.time.order=aligned",
+                              "--run-dir", str(run), "--resume", "latest"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    err = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "model.time.order is aligned" in err[0] and "trained with paired" in err[0], res.output
+    assert C.latest_checkpoint(run).name == "step_0000003"  # nothing written by the refused run
+
+    old = train(recipe("train.steps=1"), tmp_path / "old", log=quiet).run_dir  # the default layout
+    for ck in C.list_checkpoints(old):  # what a checkpoint of the earlier eqmctl looks like
+        st = json.loads((ck / "state.json").read_text())
+        assert st["arch"].pop("time_order") == "aligned"
+        (ck / "state.json").write_text(json.dumps(st))
+    assert C.load_model(old)[0].time_order == "aligned"
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=2", "model.time.order=paired",
+                              "--run-dir", str(old), "--resume", "latest"])
+    assert res.exit_code != 0 and "trained with aligned" in res.output
+
+
 def test_time_shift_trains_on_shifted_positions_reproducibly(tmp_path):
     plain = train(recipe("train.steps=3"), tmp_path / "plain", log=quiet)
     shifted = train(recipe("train.steps=3", "train.time_shift=0.5"), tmp_path / "a", log=quiet)
