@@ -356,22 +356,15 @@ def load_into(model, state_dict: dict, source: PathLike) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
-def saved_time_order(arch: dict) -> str:
-    """The sincos time layout a checkpoint was trained with: its arch's ``time_order``, or
-    "aligned" (the only layout there was) for checkpoints written before the key existed."""
-    from .embed import LEGACY_TIME_ORDER
-
-    return arch.get("time_order", LEGACY_TIME_ORDER)
-
-
 def build_model_from_arch(arch: dict, source: PathLike = "checkpoint"):
     """EqMTransformer(**arch) with an EqmError when the arch names unknown options."""
+    from .embed import arch_time_order
     from .model import EqMTransformer
 
     if not isinstance(arch, dict):
         raise EqmError(f"{source}: 'arch' must be a mapping of model options")
     try:
-        return EqMTransformer.from_config({**arch, "time_order": saved_time_order(arch)})
+        return EqMTransformer.from_config({**arch, "time_order": arch_time_order(arch)})
     except TypeError as e:
         raise EqmError(f"{source}: the model architecture in the checkpoint is not understood by this eqmctl ({e})") from None
 

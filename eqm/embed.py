@@ -115,6 +115,18 @@ def check_time_order(order: str) -> str:
     return order
 
 
+def arch_time_order(arch: dict) -> str:
+    """The sincos layout a saved arch (checkpoint state.json) was trained with: its ``time_order``,
+    or "aligned" (the only layout there was) for archs written before the key existed."""
+    return arch.get("time_order", LEGACY_TIME_ORDER)
+
+
+def _in_layout(half: torch.Tensor, order: str) -> torch.Tensor:
+    """One half of the temporal code (fastest frequency first) in channel order, and back: "paired"
+    reverses it, which is its own inverse."""
+    return half.flip(-1) if order == "paired" else half
+
+
 # --------------------------------------------------------------------------------------------
 # 1D building block
 # --------------------------------------------------------------------------------------------
@@ -273,10 +285,8 @@ def sincos_time(
     m = d_t // 2
     sin_at, cos_at = sincos_time_slices(dim, time_frac)
     code = sincos_1d(tau, d_t, base=base)
-    if order == "paired":  # fastest temporal frequency on the last (flattest) spatial channel
-        code = torch.cat([code[..., :m].flip(-1), code[..., m:].flip(-1)], dim=-1)
-    out[..., sin_at] = code[..., :m]            # sin(v tau) on col's cos channels
-    out[..., cos_at] = code[..., m:] - 1.0      # cos(v tau) - 1 on row's cos channels
+    out[..., sin_at] = _in_layout(code[..., :m], order)        # sin(v tau) on col's cos channels
+    out[..., cos_at] = _in_layout(code[..., m:], order) - 1.0  # cos(v tau) - 1 on row's cos channels
     return out
 
 
@@ -284,10 +294,7 @@ def read_sincos_time(code: torch.Tensor, dim: int, time_frac: float = DEFAULT_TI
     """Invert the layout of :func:`sincos_time`: (..., dim) -> (sin part, cos - 1 part), each (..., d_t/2), fastest first."""
     check_time_order(order)
     sin_at, cos_at = sincos_time_slices(dim, time_frac)
-    sin_part, cos_part = code[..., sin_at], code[..., cos_at]
-    if order == "paired":
-        sin_part, cos_part = sin_part.flip(-1), cos_part.flip(-1)
-    return sin_part, cos_part
+    return _in_layout(code[..., sin_at], order), _in_layout(code[..., cos_at], order)
 
 
 def sincos_time_slices(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[slice, slice]:

@@ -62,7 +62,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint as ckpt_io
-from .embed import DEFAULT_TIME_ORDER
+from .embed import DEFAULT_TIME_ORDER, arch_time_order
 from .errors import EqmError
 from .recipe import Recipe, recipe_from_dict
 
@@ -206,7 +206,7 @@ def resume_time_order(recipe: Recipe, state: dict, ckpt) -> str:
     an explicit order that differs from the checkpoint's is an error, since the weights were
     trained against the other layout and would load without complaint.
     """
-    saved = ckpt_io.saved_time_order(state["arch"])
+    saved = arch_time_order(state["arch"])
     asked = recipe.model.time.order
     if asked is not None and asked != saved:
         raise EqmError(
