@@ -36,7 +36,9 @@ Design points, each of which a test checks:
   weights, optimizer state and EMA stay float32.  On CPU the run is float32 and a warning says so.
 * **LR schedule**: linear warmup from 0 over ``warmup_steps``, then constant or cosine to
   ``min_lr_ratio * lr``; a ``LambdaLR`` stepped once per optimizer step, not passed through
-  ``accelerator.prepare`` (whose scheduler wrapper steps it once per process).
+  ``accelerator.prepare`` (whose scheduler wrapper steps it once per process).  A resumed run
+  keeps the checkpoint's step and Adam moments but takes ``lr``, ``weight_decay`` and the schedule
+  from the recipe (raising ``train.steps`` extends the cosine; the log says when the lr changes).
 
 Outputs in the run directory: see :mod:`eqm.checkpoint` for checkpoints; ``metrics.jsonl``
 (step, loss, lr, grad_norm, samples_per_s, time, epoch), ``log.txt`` (the plain log lines),
@@ -223,6 +225,44 @@ def build_optimizer(model, recipe: Recipe):
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=LRSchedule(t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio))
     return opt, sched
+
+
+def resume_schedule(optimizer, recipe: Recipe, saved: dict):
+    """The LR scheduler of a resumed run: the recipe's schedule, at the checkpoint's step.
+
+    ``optimizer`` has had the checkpoint's state loaded, which brings back the checkpoint's lr and
+    weight decay; loading the saved scheduler would also bring back its LRSchedule fields (LambdaLR
+    restores a callable object's attributes).  Either would silently override the recipe: a run
+    resumed with a raised ``train.steps`` would spend every added step at the first run's final lr,
+    and "lower train.lr, then --resume" after a divergence would change nothing.  So the recipe's
+    ``lr``, ``weight_decay`` and schedule are applied here, counted from the saved step.
+
+    Returns ``(scheduler, note)``: note is None when every remaining step gets the lr the
+    checkpoint's schedule would have given it, else one line saying what changed (for the log).
+    """
+    t = recipe.train
+    step = int(saved["last_epoch"])
+    saved_lr = [float(v) for v in saved.get("_last_lr", [])]
+    saved_base = [float(v) for v in saved.get("base_lrs", [])]
+    saved_fn = (saved.get("lr_lambdas") or [None])[0] or {}  # the saved LRSchedule's fields
+    for g in optimizer.param_groups:
+        g["initial_lr"] = t.lr
+        g["weight_decay"] = t.weight_decay
+    fn = LRSchedule(t.warmup_steps, t.steps, t.lr_schedule, t.min_lr_ratio)
+    # last_epoch = step - 1: the constructor steps once, to `step`, and sets the lr of that step.
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=fn, last_epoch=step - 1)
+    lr = optimizer.param_groups[0]["lr"]
+    if saved_lr and saved_base and saved_fn.keys() >= {"warmup", "total", "kind", "min_ratio"}:
+        was = LRSchedule(*(saved_fn[k] for k in ("warmup", "total", "kind", "min_ratio")))
+        # the same lr for every remaining step (a constant schedule's total does not matter)
+        if all(math.isclose(saved_base[0] * was(k), t.lr * fn(k), rel_tol=1e-6) for k in range(step, max(step + 1, t.steps))):
+            return sched, None
+        old = f"{was.kind}" + (f" over {was.total} steps" if was.kind != "constant" else "") + f", lr {saved_lr[0]:.2e}"
+    else:
+        old = "unknown"
+    new = f"{t.lr_schedule}" + (f" over {t.steps} steps" if t.lr_schedule != "constant" else "")
+    return sched, (f"lr schedule from the recipe: {new}, peak {t.lr:.2e} (the checkpoint's: {old}); "
+                   f"lr at step {step}: {lr:.2e}")
 
 
 @dataclass
@@ -624,13 +664,14 @@ def train(
     optimizer, scheduler = build_optimizer(model, recipe)
 
     start_step = 0
+    sched_note = None
     if resume_ckpt is not None:
         ckpt_io.load_into(model, ckpt_io.load_weights(resume_ckpt / ckpt_io.MODEL_FILE, device), resume_ckpt / ckpt_io.MODEL_FILE)
         ema_file = resume_ckpt / ckpt_io.EMA_FILE
         ckpt_io.load_into(ema.module, ckpt_io.load_weights(ema_file if ema_file.is_file() else resume_ckpt / ckpt_io.MODEL_FILE, device), ema_file)
         tstate = ckpt_io.load_training_state(resume_ckpt, map_location="cpu")
         optimizer.load_state_dict(tstate["optimizer"])
-        scheduler.load_state_dict(tstate["scheduler"])
+        scheduler, sched_note = resume_schedule(optimizer, recipe, tstate["scheduler"])
         ckpt_io.set_rng_state(tstate["rng"])
         start_step = int(state["step"])
         if main:
@@ -670,6 +711,8 @@ def train(
             f"{len(dataset)} clips, {world} process(es) on {device.type}, global batch {global_batch}, "
             f"{t.steps} steps"
         )
+        if sched_note:
+            reporter.line(sched_note)
 
     noise_gen = torch.Generator(device=device)
     shift_gen = torch.Generator()  # train.time_shift's own stream: turning it on changes nothing else

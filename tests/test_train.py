@@ -207,6 +207,44 @@ def test_resume_continues_exactly(tmp_path):
     assert again.run_dir == tmp_path / "part" and again.step == 6
 
 
+def test_resume_with_raised_steps_follows_the_recipes_schedule(tmp_path):
+    # "raise train.steps to continue": the added steps follow the recipe's cosine over the new
+    # total, as a 6-step run's last 3 steps do (the checkpoint's own 3-step schedule would have
+    # sat at its final lr for every added step)
+    common = ("train.lr_schedule=cosine", "train.warmup_steps=1", "train.min_lr_ratio=0.1", "train.batch_size=2")
+    train(recipe("train.steps=3", *common), tmp_path / "part", log=quiet)
+    first = [1e-3 * LRSchedule(1, 3, "cosine", 0.1)(k) for k in range(3)]
+    assert [r["lr"] for r in metrics(tmp_path / "part")] == pytest.approx(first)
+    assert first[-1] == pytest.approx(1e-4)  # the 3-step cosine ended at its floor
+    lines = []
+    resumed = train(recipe("train.steps=6", *common), tmp_path / "part", resume="latest", log=lines.append, warn=quiet)
+    assert resumed.start_step == 3 and resumed.step == 6
+    want = [1e-3 * LRSchedule(1, 6, "cosine", 0.1)(k) for k in range(6)]
+    assert want[3] > 2 * first[-1]
+    assert [r["lr"] for r in metrics(tmp_path / "part")] == pytest.approx(first + want[3:])
+    note = [line for line in lines if line.startswith("lr schedule from the recipe")]
+    assert len(note) == 1 and "cosine over 6 steps" in note[0] and "cosine over 3 steps" in note[0], lines
+    assert "lr at step 3: " + f"{want[3]:.2e}" in note[0]
+    assert "lr schedule from the recipe" in (tmp_path / "part" / "log.txt").read_text()
+
+
+def test_resume_applies_a_lowered_lr_and_weight_decay(tmp_path):
+    # the divergence message's advice ("lower train.lr, then --resume") must take effect
+    train(recipe("train.steps=2", "train.weight_decay=0.0"), tmp_path / "run", log=quiet)
+    lines = []
+    train(recipe("train.steps=4", "train.lr=2.5e-4", "train.weight_decay=0.05"), tmp_path / "run",
+          resume="latest", log=lines.append, warn=quiet)
+    assert [r["lr"] for r in metrics(tmp_path / "run")] == pytest.approx([1e-3, 1e-3, 2.5e-4, 2.5e-4])
+    ts = C.load_training_state(C.latest_checkpoint(tmp_path / "run"))
+    assert {g["weight_decay"] for g in ts["optimizer"]["param_groups"]} == {0.05}
+    assert any(line.startswith("lr schedule from the recipe") for line in lines)
+    # an unchanged recipe resumes without the note
+    lines.clear()
+    train(recipe("train.steps=5", "train.lr=2.5e-4", "train.weight_decay=0.05"), tmp_path / "run",
+          resume="latest", log=lines.append, warn=quiet)
+    assert not any(line.startswith("lr schedule") for line in lines), lines
+
+
 def test_resume_keeps_the_checkpoints_time_layout(tmp_path):
     """A resumed run keeps the sincos layout its checkpoint was trained with; asking for another
     one is an error.  A checkpoint saved before ``time_order`` existed loads as "aligned"."""
