@@ -22,7 +22,9 @@ def train(
     resume: Optional[str] = typer.Option(
         None, "--resume", metavar="CKPT|RUN|latest",
         help="Continue from a checkpoint directory, a run directory (its latest checkpoint) or 'latest' "
-        "(in --run-dir, else the newest run of this recipe's name).",
+        "(in --run-dir, else the newest run of this recipe's name). Weights, EMA, Adam moments and the data "
+        "position come from the checkpoint; lr, weight decay and the schedule from the recipe (raise "
+        "train.steps to train longer).",
     ),
     validate: bool = typer.Option(
         False, "--validate", "--dry-run",
