@@ -830,8 +830,8 @@ def train(
             "last_checkpoint": None if last_ckpt is None else str(last_ckpt), "elapsed_s": time.time() - t0,
         }
         _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        reporter.line(f"done: step {step}, loss {final_loss if final_loss is None else round(final_loss, 4)}, "
-                      f"{time.time() - t0:.1f} s, run {run_dir}")
+        trained = "no step trained" if final_loss is None else f"loss {final_loss:.4f}"
+        reporter.line(f"done: step {step}, {trained}, {time.time() - t0:.1f} s, run {run_dir}")
     if len(set(sums)) != 1:
         raise EqmError(f"the {world} processes ended with different weights ({', '.join(s[:12] for s in sums)}); the distributed setup is broken", exit_code=1)
     return TrainResult(

@@ -243,6 +243,11 @@ def test_resume_applies_a_lowered_lr_and_weight_decay(tmp_path):
     train(recipe("train.steps=5", "train.lr=2.5e-4", "train.weight_decay=0.05"), tmp_path / "run",
           resume="latest", log=lines.append, warn=quiet)
     assert not any(line.startswith("lr schedule") for line in lines), lines
+    # a checkpoint already at train.steps: nothing trained, and the log says so
+    lines.clear()
+    res = train(recipe("train.steps=5", "train.lr=2.5e-4", "train.weight_decay=0.05"), tmp_path / "run",
+                resume="latest", log=lines.append, warn=quiet)
+    assert res.step == 5 and "nothing to train" in lines[0] and "no step trained" in lines[-1], lines
 
 
 def test_resume_keeps_the_checkpoints_time_layout(tmp_path):
