@@ -56,7 +56,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -242,9 +242,8 @@ def resume_schedule(optimizer, recipe: Recipe, saved: dict):
     """
     t = recipe.train
     step = int(saved["last_epoch"])
-    saved_lr = [float(v) for v in saved.get("_last_lr", [])]
-    saved_base = [float(v) for v in saved.get("base_lrs", [])]
-    saved_fn = (saved.get("lr_lambdas") or [None])[0] or {}  # the saved LRSchedule's fields
+    saved_lr, saved_base = saved.get("_last_lr") or [None], saved.get("base_lrs") or [None]
+    saved_fn = (saved.get("lr_lambdas") or [None])[0]  # the saved LRSchedule's attributes
     for g in optimizer.param_groups:
         g["initial_lr"] = t.lr
         g["weight_decay"] = t.weight_decay
@@ -252,8 +251,9 @@ def resume_schedule(optimizer, recipe: Recipe, saved: dict):
     # last_epoch = step - 1: the constructor steps once, to `step`, and sets the lr of that step.
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=fn, last_epoch=step - 1)
     lr = optimizer.param_groups[0]["lr"]
-    if saved_lr and saved_base and saved_fn.keys() >= {"warmup", "total", "kind", "min_ratio"}:
-        was = LRSchedule(*(saved_fn[k] for k in ("warmup", "total", "kind", "min_ratio")))
+    known = isinstance(saved_fn, dict) and saved_fn.keys() == {f.name for f in fields(LRSchedule)}
+    if known and saved_lr[0] is not None and saved_base[0] is not None:
+        was = LRSchedule(**saved_fn)
         # the same lr for every remaining step (a constant schedule's total does not matter)
         if all(math.isclose(saved_base[0] * was(k), t.lr * fn(k), rel_tol=1e-6) for k in range(step, max(step + 1, t.steps))):
             return sched, None
