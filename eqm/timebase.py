@@ -102,11 +102,6 @@ def frames_for_duration(seconds: float, fps: Fraction | float) -> int:
     return max(1, round(Fraction(seconds).limit_denominator(10**6) * Fraction(fps)))
 
 
-def to_tau(timestamps, ref_fps: float):
-    """Temporal coordinate tau = t * ref_fps (seconds to 'reference frames', SPEC section 3)."""
-    return timestamps * float(ref_fps)
-
-
 def mean_rate(pts: Sequence[float]) -> float | None:
     """Mean frame rate of sorted presentation times: (n - 1) / (last - first); None if undefined."""
     if len(pts) < 2:

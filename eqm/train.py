@@ -51,7 +51,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import json
 import math
 import os
 import sys
@@ -66,7 +65,8 @@ import torch
 from . import checkpoint as ckpt_io
 from .embed import DEFAULT_TIME_ORDER, arch_time_order
 from .errors import EqmError
-from .recipe import Recipe, recipe_from_dict
+from .recipe import Recipe
+from .rundir import RunDir
 
 PathLike = Union[str, Path]
 
@@ -108,9 +108,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
             perm = torch.randperm(self.n, generator=g)
             self._perm_cache = {epoch: perm}  # keep one: epochs are visited in order
         return perm
-
-    def epoch_of(self, micro: int) -> float:
-        return (micro * self.world + self.rank) * self.batch_size / self.n
 
     def indices(self, micro: int) -> list[int]:
         first = (micro * self.world + self.rank) * self.batch_size
@@ -402,26 +399,6 @@ def _plan_run(recipe: Recipe, run_dir: Optional[PathLike], resume: Optional[Path
     return new_run_dir(runs_root, recipe.name or "run"), None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint we resume from."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def _recipe_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(old) | set(new)):
@@ -439,17 +416,15 @@ def _recipe_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class _Reporter:
-    """Main-process output: rich progress on a TTY, plain lines otherwise; metrics.jsonl; log.txt."""
+    """Main-process output: rich progress on a TTY, plain lines otherwise; every line also goes
+    to log.txt and metrics rows to metrics.jsonl.  With ``files=None`` (other ranks) it is silent."""
 
-    def __init__(self, run_dir: Path, total: int, start: int, enabled: bool, log: Optional[Callable[[str], None]]):
-        self.enabled = enabled
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.log_path = run_dir / "log.txt"
-        self.total, self.start = total, start
+    def __init__(self, files: Optional[RunDir], total: int, start: int, log: Optional[Callable[[str], None]]):
+        self.files = files
         self._log = log
         self.progress = None
         self.task = None
-        if enabled and log is None and sys.stderr.isatty():
+        if files is not None and log is None and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.progress = Progress(
@@ -462,10 +437,9 @@ class _Reporter:
 
     def line(self, text: str, echo: bool = True) -> None:
         """Append to log.txt and (echo) show it; echo=False for text the caller reports itself."""
-        if not self.enabled:
+        if self.files is None:
             return
-        with open(self.log_path, "a") as f:
-            f.write(text + "\n")
+        self.files.log(text)
         if not echo:
             return
         if self._log is not None:
@@ -476,10 +450,8 @@ class _Reporter:
             print(text, flush=True)
 
     def metrics(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.files is not None:
+            self.files.metrics(row)
 
     def advance(self, step: int, loss: float, sps: float) -> None:
         if self.progress is not None:
@@ -623,228 +595,306 @@ def train(
 
     Raises EqmError with exit_code=1 when the loss diverges (NaN/inf).
     """
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    from .objective import eqm_loss
-
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+    warn = warn or _warn_stderr
     t0 = time.time()
-    t = recipe.train
-
     accelerator = _build_accelerator(recipe, Path(run_dir) if run_dir is not None else None, warn)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    device = accelerator.device
-
-    # ---- where to write, what to resume: decided once, on the main process ------------------
-    plan: list[Any] = [None, None, None]
-    if main:
-        try:
-            rd, ck = _plan_run(recipe, run_dir, resume, runs_root)
-            plan = [str(rd), None if ck is None else str(ck), None]
-        except EqmError as e:
-            plan = [None, None, (str(e), e.exit_code)]
-    if world > 1:
-        broadcast_object_list(plan)
-    if plan[2] is not None:
-        raise EqmError(*plan[2])
-    run_dir = Path(plan[0])
-    resume_ckpt = Path(plan[1]) if plan[1] else None
-    if log_with := check_tracker(recipe.tracking.backend):
-        accelerator.project_configuration.set_directories(str(run_dir))
-
-    # ---- components -------------------------------------------------------------------------
-    dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
-    num_classes = resolve_num_classes(recipe, dataset)
-    state = ckpt_io.load_state(resume_ckpt) if resume_ckpt is not None else None
-    order = resume_time_order(recipe, state, resume_ckpt) if state is not None else None
-    model = build_model(recipe, num_classes, time_order=order).to(device)
-    arch = model.arch_config()
-    ema = EMA(model, t.ema_decay)
-    optimizer, scheduler = build_optimizer(model, recipe)
-
-    start_step = 0
-    sched_note = None
-    if resume_ckpt is not None:
-        ckpt_io.load_into(model, ckpt_io.load_weights(resume_ckpt / ckpt_io.MODEL_FILE, device), resume_ckpt / ckpt_io.MODEL_FILE)
-        ema_file = resume_ckpt / ckpt_io.EMA_FILE
-        ckpt_io.load_into(ema.module, ckpt_io.load_weights(ema_file if ema_file.is_file() else resume_ckpt / ckpt_io.MODEL_FILE, device), ema_file)
-        tstate = ckpt_io.load_training_state(resume_ckpt, map_location="cpu")
-        optimizer.load_state_dict(tstate["optimizer"])
-        scheduler, sched_note = resume_schedule(optimizer, recipe, tstate["scheduler"])
-        ckpt_io.set_rng_state(tstate["rng"])
-        start_step = int(state["step"])
-        if main:
-            changed = _recipe_diff(state.get("recipe", {}), recipe.to_dict())
-            if changed:
-                warn(f"resuming {resume_ckpt} with a recipe that differs in: {', '.join(changed)}")
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-
-    # ---- run directory ----------------------------------------------------------------------
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.clean_stale(run_dir)
-        _atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        if resume_ckpt is not None:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        if log_with:
-            accelerator.init_trackers(recipe.tracking.project, config=_flat(recipe.to_dict()))
-    reporter = _Reporter(run_dir, t.steps, start_step, main, log)
-
-    # ---- data: micro-batch m of this rank is a pure function of (seed, m, rank) -------------
-    accum = t.grad_accum
-    sampler = StepBatchSampler(len(dataset), t.batch_size, seed=t.seed, rank=rank, world=world,
-                               start_micro=start_step * accum, stop_micro=t.steps * accum)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=recipe.data.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )
-    global_batch = t.batch_size * accum * world
-    if main:
-        what = f"resuming from {resume_ckpt} at step {start_step}" if resume_ckpt else "new run"
-        if start_step >= t.steps:
-            what += f"; nothing to train: the checkpoint is at step {start_step} >= train.steps (raise train.steps to continue)"
-        reporter.line(
-            f"run {run_dir} ({what}): {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
-            f"{len(dataset)} clips, {world} process(es) on {device.type}, global batch {global_batch}, "
-            f"{t.steps} steps"
-        )
-        if sched_note:
-            reporter.line(sched_note)
-
-    noise_gen = torch.Generator(device=device)
-    shift_gen = torch.Generator()  # train.time_shift's own stream: turning it on changes nothing else
-    last_ckpt = ckpt_io.latest_checkpoint(run_dir) if main else None
-    previews: list[Path] = []
-    final_loss: Optional[float] = None
-    window_loss, window_steps, window_t = 0.0, 0, time.time()
-    data_iter = iter(loader)
-    step = start_step
-
-    def save(step_now: int) -> None:
-        nonlocal last_ckpt
-        opt_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": ckpt_io.rng_state(),
-            "step": step_now,
-        }
-        if accelerator.scaler is not None:
-            opt_state["scaler"] = accelerator.scaler.state_dict()
-        last_ckpt = ckpt_io.save_checkpoint(
-            run_dir, step_now, model=raw_model, ema=ema.module, arch=arch, recipe=recipe.to_dict(),
-            optimizer_state=opt_state, keep_last=t.keep_last,
-            extra={"world_size": world, "loss": final_loss,
-                   "class_names": list(getattr(dataset, "class_names", []) or [])},
-        )
-
+    plan = _plan(accelerator, recipe, run_dir, resume, runs_root)
+    run = _setup_run(recipe, accelerator, plan, warn)
+    if plan.resume_ckpt is not None:
+        _restore(run, plan.resume_ckpt, warn)
+    run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
+    run.raw_model = accelerator.unwrap_model(run.model)
+    reporter = _open_run_dir(run, log)
+    loop = _Loop(run, reporter, t0)
     try:
-        model.train()
-        while step < t.steps:
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                batch = next(data_iter)
-                x = batch["video"].to(device, non_blocking=True)
-                ts = batch["timestamps"].to(device, dtype=torch.float32, non_blocking=True)
-                y = batch["label"].to(device, non_blocking=True) if num_classes > 0 else None
-                # Everything random in this micro-batch is a function of (seed, step, micro, rank).
-                torch.manual_seed(derive_seed(t.seed, "global", step, micro, rank))
-                noise_gen.manual_seed(derive_seed(t.seed, "noise", step, micro, rank))
-                pos = None
-                if t.time_shift > 0:  # a random start time per clip, in tau units
-                    shift_gen.manual_seed(derive_seed(t.seed, "time_shift", step, micro, rank))
-                    shift = torch.rand(x.shape[0], generator=shift_gen) * (t.time_shift * raw_model.ref_fps)
-                    pos = raw_model.positions(ts, x.shape[2], tau_offset=shift.to(device))
-                with accelerator.accumulate(model):
-                    loss, _ = eqm_loss(model, x, ts, y, a=recipe.objective.a, lam=recipe.objective.lam,
-                                       generator=noise_gen, pos=pos)
-                    accelerator.backward(loss)
-                loss_sum += loss.detach().float()
-            assert accelerator.sync_gradients, "gradient accumulation is out of step with the micro-batch loop"
-
-            # Once per optimizer step: one reduction gives every rank the same loss, so all ranks
-            # stop together on divergence.
-            mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean") if world > 1 else loss_sum / accum
-            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            lossf, gnf = float(mean_loss), float(grad_norm)
-            if not math.isfinite(lossf) or (t.mixed_precision != "fp16" and not math.isfinite(gnf)):
-                what = f"loss {lossf}" if not math.isfinite(lossf) else f"gradient norm {gnf}"
-                keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint had been saved yet"
-                msg = (f"training diverged at step {step + 1}: {what}; stopped without applying this step; "
-                       f"{keep} (lower train.lr or raise train.warmup_steps, then --resume)")
-                reporter.line(f"error: {msg}", echo=False)  # the EqmError is the one visible line
-                raise EqmError(msg, exit_code=1)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(raw_model)
-            step += 1
-            final_loss = lossf
-            window_loss += lossf
-            window_steps += 1
-
-            if main:
-                now = time.time()
-                sps = window_steps * global_batch / max(now - window_t, 1e-9)
-                reporter.advance(step, lossf, sps)
-                if step % t.log_every == 0 or step == t.steps or step == start_step + 1:
-                    row = {
-                        "step": step, "loss": window_loss / window_steps, "lr": lr, "grad_norm": gnf,
-                        "samples_per_s": sps, "time": now - t0,
-                        "epoch": step * global_batch / len(dataset),
-                    }
-                    reporter.metrics(row)
-                    if log_with:
-                        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-                    eta = (t.steps - step) * global_batch / max(sps, 1e-9)
-                    reporter.line(
-                        f"step {step}/{t.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  grad_norm {gnf:.3f}  "
-                        f"{sps:.1f} samples/s  eta {_fmt_eta(eta)}"
-                    )
-                    window_loss, window_steps, window_t = 0.0, 0, time.time()
-                if step % t.ckpt_every == 0 or step == t.steps:
-                    save(step)
-                    reporter.line(f"checkpoint {last_ckpt}")
-                if t.preview_every and (step % t.preview_every == 0 or step == t.steps):
-                    p = write_preview(ema.module, recipe, run_dir / "previews" / f"step_{step:07d}.mp4", device)
-                    previews.append(p)
-                    reporter.line(f"preview {p}")
-                    window_t = time.time()  # previews are not training time
+        loop.train()
     finally:
         reporter.close()
-        if main and log_with:
+        if run.files is not None and run.log_with:
             accelerator.end_training()
+    return _finish(run, loop, reporter, t0)
 
-    # ---- the replicas must agree ------------------------------------------------------------
-    checksum = ckpt_io.weights_checksum(raw_model)
-    sums = gather_object([checksum]) if world > 1 else [checksum]
-    accelerator.wait_for_everyone()
-    if main:
-        summary = {
-            "step": step, "start_step": start_step, "final_loss": final_loss, "world_size": world,
-            "device": device.type, "rank_checksums": sums, "replicas_identical": len(set(sums)) == 1,
-            "last_checkpoint": None if last_ckpt is None else str(last_ckpt), "elapsed_s": time.time() - t0,
+
+def _warn_stderr(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Plan:
+    """Where a run writes and which checkpoint it resumes, decided once on the main process."""
+
+    run_dir: Path
+    resume_ckpt: Optional[Path]
+
+
+def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root) -> _Plan:
+    """:func:`_plan_run` on the main process, broadcast to every rank (its error raised on all)."""
+    from accelerate.utils import broadcast_object_list
+
+    msg: list[Any] = [None, None, None]
+    if accelerator.is_main_process:
+        try:
+            rd, ck = _plan_run(recipe, run_dir, resume, runs_root)
+            msg = [str(rd), None if ck is None else str(ck), None]
+        except EqmError as e:
+            msg = [None, None, (str(e), e.exit_code)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(msg)
+    if msg[2] is not None:
+        raise EqmError(*msg[2])
+    if check_tracker(recipe.tracking.backend):
+        accelerator.project_configuration.set_directories(msg[0])
+    return _Plan(Path(msg[0]), Path(msg[1]) if msg[1] else None)
+
+
+@dataclass
+class _Run:
+    """What the loop trains with.  ``files`` is the run directory's writer on the main process
+    and None on the other ranks (only the main process writes)."""
+
+    recipe: Recipe
+    accelerator: Any
+    run_dir: Path
+    files: Optional[RunDir]
+    dataset: Any
+    num_classes: int
+    model: Any  # after accelerator.prepare: DDP-wrapped under several processes
+    ema: EMA
+    optimizer: Any
+    scheduler: Any
+    resume_state: Optional[dict] = None
+    raw_model: Any = None
+    start_step: int = 0
+    resume_ckpt: Optional[Path] = None
+    sched_note: Optional[str] = None
+
+    @property
+    def log_with(self) -> Optional[str]:
+        return check_tracker(self.recipe.tracking.backend)
+
+
+def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], None]) -> _Run:
+    """Build the dataset, the model (keeping a resumed checkpoint's time layout), EMA and optimizer."""
+    main = accelerator.is_main_process
+    dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
+    num_classes = resolve_num_classes(recipe, dataset)
+    state = ckpt_io.load_state(plan.resume_ckpt) if plan.resume_ckpt is not None else None
+    order = resume_time_order(recipe, state, plan.resume_ckpt) if state is not None else None
+    model = build_model(recipe, num_classes, time_order=order).to(accelerator.device)
+    ema = EMA(model, recipe.train.ema_decay)
+    optimizer, scheduler = build_optimizer(model, recipe)
+    return _Run(
+        recipe=recipe, accelerator=accelerator, run_dir=plan.run_dir, files=RunDir(plan.run_dir) if main else None,
+        dataset=dataset, num_classes=num_classes, model=model, ema=ema, optimizer=optimizer,
+        scheduler=scheduler, resume_state=state, raw_model=model,
+    )
+
+
+def _restore(run: _Run, ckpt: Path, warn: Callable[[str], None]) -> None:
+    """Load a checkpoint into the built run: weights, EMA, Adam moments, RNG state and step;
+    the lr schedule is the recipe's, counted from the saved step (see resume_schedule)."""
+    device = run.accelerator.device
+    model_file, ema_file = ckpt / ckpt_io.MODEL_FILE, ckpt / ckpt_io.EMA_FILE
+    ckpt_io.load_into(run.model, ckpt_io.load_weights(model_file, device), model_file)
+    ckpt_io.load_into(run.ema.module, ckpt_io.load_weights(ema_file if ema_file.is_file() else model_file, device), ema_file)
+    tstate = ckpt_io.load_training_state(ckpt, map_location="cpu")
+    run.optimizer.load_state_dict(tstate["optimizer"])
+    run.scheduler, run.sched_note = resume_schedule(run.optimizer, run.recipe, tstate["scheduler"])
+    ckpt_io.set_rng_state(tstate["rng"])
+    run.start_step = int(run.resume_state["step"])
+    run.resume_ckpt = ckpt
+    if run.files is not None:
+        changed = _recipe_diff(run.resume_state.get("recipe", {}), run.recipe.to_dict())
+        if changed:
+            warn(f"resuming {ckpt} with a recipe that differs in: {', '.join(changed)}")
+
+
+def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]]) -> "_Reporter":
+    """Main process: create the run directory's files and trackers, and log the run's first line."""
+    t = run.recipe.train
+    reporter = _Reporter(run.files, t.steps, run.start_step, log)
+    if run.files is None:
+        return reporter
+    run.files.start(run.recipe.to_yaml(), run.start_step if run.resume_ckpt is not None else None)
+    if run.log_with:
+        run.accelerator.init_trackers(run.recipe.tracking.project, config=_flat(run.recipe.to_dict()))
+    acc = run.accelerator
+    what = f"resuming from {run.resume_ckpt} at step {run.start_step}" if run.resume_ckpt else "new run"
+    if run.start_step >= t.steps:
+        what += f"; nothing to train: the checkpoint is at step {run.start_step} >= train.steps (raise train.steps to continue)"
+    reporter.line(
+        f"run {run.run_dir} ({what}): {sum(p.numel() for p in run.raw_model.parameters()):,} parameters, "
+        f"{len(run.dataset)} clips, {acc.num_processes} process(es) on {acc.device.type}, "
+        f"global batch {t.batch_size * t.grad_accum * acc.num_processes}, {t.steps} steps"
+    )
+    if run.sched_note:
+        reporter.line(run.sched_note)
+    return reporter
+
+
+class _Loop:
+    """The optimizer-step loop over a built run; holds what changes from step to step."""
+
+    def __init__(self, run: _Run, reporter: "_Reporter", t0: float):
+        acc, t = run.accelerator, run.recipe.train
+        self.run, self.reporter, self.t0 = run, reporter, t0
+        self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
+        self.global_batch = t.batch_size * t.grad_accum * self.world
+        # micro-batch m of this rank is a pure function of (seed, m, rank)
+        sampler = StepBatchSampler(len(run.dataset), t.batch_size, seed=t.seed, rank=self.rank, world=self.world,
+                                   start_micro=run.start_step * t.grad_accum, stop_micro=t.steps * t.grad_accum)
+        self.loader = torch.utils.data.DataLoader(
+            run.dataset, batch_sampler=sampler, num_workers=run.recipe.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        self.noise_gen = torch.Generator(device=self.device)
+        self.shift_gen = torch.Generator()  # train.time_shift's own stream: turning it on changes nothing else
+        self.step = run.start_step
+        self.final_loss: Optional[float] = None
+        self.last_ckpt = run.files.latest_checkpoint() if run.files is not None else None
+        self.previews: list[Path] = []
+        self.window_loss, self.window_steps, self.window_t = 0.0, 0, time.time()
+
+    def train(self) -> None:
+        """Optimizer steps from the start step to train.steps (the main process logs and saves)."""
+        run, t = self.run, self.run.recipe.train
+        data = iter(self.loader)
+        run.model.train()
+        while self.step < t.steps:
+            loss_sum = sum(self._micro_batch(next(data), micro) for micro in range(t.grad_accum))
+            assert run.accelerator.sync_gradients, "gradient accumulation is out of step with the micro-batch loop"
+            lossf, gnf = self._reduce_and_clip(loss_sum)
+            self._check(lossf, gnf)
+            lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.ema.update(run.raw_model)
+            self.step += 1
+            self.final_loss = lossf
+            self.window_loss += lossf
+            self.window_steps += 1
+            if run.files is not None:
+                self._log(lr, gnf)
+                self._save_and_preview()
+
+    def _micro_batch(self, batch: dict, micro: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its detached loss."""
+        from .objective import eqm_loss
+
+        run, t, device = self.run, self.run.recipe.train, self.device
+        x = batch["video"].to(device, non_blocking=True)
+        ts = batch["timestamps"].to(device, dtype=torch.float32, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True) if run.num_classes > 0 else None
+        # Everything random in this micro-batch is a function of (seed, step, micro, rank).
+        torch.manual_seed(derive_seed(t.seed, "global", self.step, micro, self.rank))
+        self.noise_gen.manual_seed(derive_seed(t.seed, "noise", self.step, micro, self.rank))
+        pos = None
+        if t.time_shift > 0:  # a random start time per clip, in tau units
+            self.shift_gen.manual_seed(derive_seed(t.seed, "time_shift", self.step, micro, self.rank))
+            shift = torch.rand(x.shape[0], generator=self.shift_gen) * (t.time_shift * run.raw_model.ref_fps)
+            pos = run.raw_model.positions(ts, x.shape[2], tau_offset=shift.to(device))
+        with run.accelerator.accumulate(run.model):
+            loss, _ = eqm_loss(run.model, x, ts, y, a=run.recipe.objective.a, lam=run.recipe.objective.lam,
+                               generator=self.noise_gen, pos=pos)
+            run.accelerator.backward(loss)
+        return loss.detach().float()
+
+    def _reduce_and_clip(self, loss_sum: torch.Tensor) -> tuple[float, float]:
+        """The step's loss (one reduction gives every rank the same value, so all ranks stop
+        together on divergence) and its gradient norm, clipped to train.grad_clip."""
+        acc, t = self.run.accelerator, self.run.recipe.train
+        mean = loss_sum / t.grad_accum
+        if self.world > 1:
+            mean = acc.reduce(mean, reduction="mean")
+        grad_norm = acc.clip_grad_norm_(self.run.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        return float(mean), float(grad_norm)
+
+    def _check(self, lossf: float, gnf: float) -> None:
+        """Stop before applying a step whose loss (or, except under fp16, gradient norm) is not finite."""
+        t = self.run.recipe.train
+        if math.isfinite(lossf) and (t.mixed_precision == "fp16" or math.isfinite(gnf)):
+            return
+        what = f"loss {lossf}" if not math.isfinite(lossf) else f"gradient norm {gnf}"
+        keep = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint had been saved yet"
+        msg = (f"training diverged at step {self.step + 1}: {what}; stopped without applying this step; "
+               f"{keep} (lower train.lr or raise train.warmup_steps, then --resume)")
+        self.reporter.line(f"error: {msg}", echo=False)  # the EqmError is the one visible line
+        raise EqmError(msg, exit_code=1)
+
+    def _log(self, lr: float, gnf: float) -> None:
+        """Progress every step; a metrics row, tracker values and a log line every train.log_every."""
+        run, t, step = self.run, self.run.recipe.train, self.step
+        now = time.time()
+        sps = self.window_steps * self.global_batch / max(now - self.window_t, 1e-9)
+        self.reporter.advance(step, self.final_loss, sps)
+        if not (step % t.log_every == 0 or step == t.steps or step == run.start_step + 1):
+            return
+        row = {
+            "step": step, "loss": self.window_loss / self.window_steps, "lr": lr, "grad_norm": gnf,
+            "samples_per_s": sps, "time": now - self.t0, "epoch": step * self.global_batch / len(run.dataset),
         }
-        _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        trained = "no step trained" if final_loss is None else f"loss {final_loss:.4f}"
-        reporter.line(f"done: step {step}, {trained}, {time.time() - t0:.1f} s, run {run_dir}")
+        self.reporter.metrics(row)
+        if run.log_with:
+            run.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        eta = (t.steps - step) * self.global_batch / max(sps, 1e-9)
+        self.reporter.line(
+            f"step {step}/{t.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  grad_norm {gnf:.3f}  "
+            f"{sps:.1f} samples/s  eta {_fmt_eta(eta)}"
+        )
+        self.window_loss, self.window_steps, self.window_t = 0.0, 0, time.time()
+
+    def _save_and_preview(self) -> None:
+        """A checkpoint every train.ckpt_every steps and a preview every train.preview_every (both at the end)."""
+        run, t, step = self.run, self.run.recipe.train, self.step
+        if step % t.ckpt_every == 0 or step == t.steps:
+            self.last_ckpt = self._save()
+            self.reporter.line(f"checkpoint {self.last_ckpt}")
+        if t.preview_every and (step % t.preview_every == 0 or step == t.steps):
+            p = write_preview(run.ema.module, run.recipe, run.files.preview_path(step), self.device)
+            self.previews.append(p)
+            self.reporter.line(f"preview {p}")
+            self.window_t = time.time()  # previews are not training time
+
+    def _save(self) -> Path:
+        run = self.run
+        opt_state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": ckpt_io.rng_state(),
+            "step": self.step,
+        }
+        if run.accelerator.scaler is not None:
+            opt_state["scaler"] = run.accelerator.scaler.state_dict()
+        return run.files.save_checkpoint(
+            self.step, model=run.raw_model, ema=run.ema.module, arch=run.raw_model.arch_config(),
+            recipe=run.recipe.to_dict(), optimizer_state=opt_state, keep_last=run.recipe.train.keep_last,
+            extra={"world_size": self.world, "loss": self.final_loss,
+                   "class_names": list(getattr(run.dataset, "class_names", []) or [])},
+        )
+
+
+def _finish(run: _Run, loop: _Loop, reporter: "_Reporter", t0: float) -> TrainResult:
+    """Check that every replica ended with the same weights; the main process writes summary.json."""
+    from accelerate.utils import gather_object
+
+    acc = run.accelerator
+    world = acc.num_processes
+    checksum = ckpt_io.weights_checksum(run.raw_model)
+    sums = gather_object([checksum]) if world > 1 else [checksum]
+    acc.wait_for_everyone()
+    if run.files is not None:
+        run.files.write_summary({
+            "step": loop.step, "start_step": run.start_step, "final_loss": loop.final_loss, "world_size": world,
+            "device": acc.device.type, "rank_checksums": sums, "replicas_identical": len(set(sums)) == 1,
+            "last_checkpoint": None if loop.last_ckpt is None else str(loop.last_ckpt), "elapsed_s": time.time() - t0,
+        })
+        trained = "no step trained" if loop.final_loss is None else f"loss {loop.final_loss:.4f}"
+        reporter.line(f"done: step {loop.step}, {trained}, {time.time() - t0:.1f} s, run {run.run_dir}")
     if len(set(sums)) != 1:
         raise EqmError(f"the {world} processes ended with different weights ({', '.join(s[:12] for s in sums)}); the distributed setup is broken", exit_code=1)
     return TrainResult(
-        run_dir=run_dir, step=step, start_step=start_step, last_checkpoint=last_ckpt if main else None,
-        final_loss=final_loss, world_size=world, checksum=checksum, elapsed=time.time() - t0, previews=previews,
+        run_dir=run.run_dir, step=loop.step, start_step=run.start_step,
+        last_checkpoint=loop.last_ckpt if run.files is not None else None, final_loss=loop.final_loss,
+        world_size=world, checksum=checksum, elapsed=time.time() - t0, previews=loop.previews,
     )
-
-
-def load_run_recipe(run_dir: PathLike) -> Recipe:
-    """The resolved recipe saved in a run directory (recipe.yaml)."""
-    import yaml
-
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise EqmError(f"run recipe not found: {path}")
-    return recipe_from_dict(yaml.safe_load(path.read_text()), where=str(path))
