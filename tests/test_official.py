@@ -1,0 +1,278 @@
+"""Official EqM checkpoints: safe loading, and initialising video models from image weights."""
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from eqm import checkpoint as C
+from eqm.adapt import adapt_state_dict, init_from
+from eqm.embed import sincos_grid_2d
+from eqm.errors import EqmError
+from eqm.model import EqMTransformer, create_model
+from eqm.official import load_official_model, load_weights_from, read_official
+
+# Our model in image mode at a tiny size, in the official layout (4 latent channels,
+# learn_sigma, a null-class row): args say EqM-tiny/2 at 64 px, i.e. 8x8 latents.
+IMAGE = dict(input_size=8, in_channels=4, num_frames=1, learn_sigma=True, num_classes=10, pos="sincos")
+
+
+def image_model(seed=0, **kw):
+    """The image model with every weight random (zero-initialised layers too), in eval mode."""
+    torch.manual_seed(seed)
+    m = create_model("tiny", **{**IMAGE, **kw})
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name != "pos_embed":
+                p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def official_args(**kw):
+    return argparse.Namespace(**{"model": "EqM-tiny/2", "image_size": 64, "num_classes": 10, "ebm": "none",
+                                 "uncond": True, "vae": "ema", "global_batch_size": 256, **kw})
+
+
+def write_official(path, model, args=None, raw=None):
+    """torch.save of {model, ema, opt, args} as the official train.py writes it."""
+    raw = raw if raw is not None else {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-4)
+    torch.save({"model": raw, "ema": model.state_dict(), "opt": opt.state_dict(),
+                "args": args if args is not None else official_args()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    img = image_model()
+    return img, write_official(tmp_path_factory.mktemp("official") / "0001400.pt", img)
+
+
+def video_model(**kw):
+    torch.manual_seed(1)
+    return create_model("tiny", **{**IMAGE, "num_frames": 4, **kw}).eval()
+
+
+def same(a, b):
+    return torch.equal(a, b) or torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def test_official_pt_loads_its_ema_weights_and_args(official):
+    img, path = official
+    model, loaded = load_official_model(path)
+    assert loaded.kind == "official" and loaded.weights == "ema" and loaded.args["model"] == "EqM-tiny/2"
+    assert (model.hidden_size, model.depth, model.num_heads, model.patch_size) == (64, 4, 4, 2)
+    assert (model.in_channels, model.input_size, model.num_classes, model.learn_sigma) == (4, (8, 8), 10, True)
+    assert C.weights_checksum(model) == C.weights_checksum(img)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 10])
+    assert torch.equal(model(x, None, y), img(x, None, y))
+    raw = read_official(path, weights="model")
+    assert raw.weights == "model" and all(not v.any() for v in raw.state_dict.values())
+
+
+def test_official_args_must_agree_with_the_weights(tmp_path):
+    img = image_model()
+    with pytest.raises(EqmError, match="EqM-XL/2 .*hidden size of 1152.* 64"):
+        read_official(write_official(tmp_path / "a.pt", img, official_args(model="EqM-XL/2")))
+    with pytest.raises(EqmError, match="image_size 256 .*32x32 latents.*8x8"):
+        read_official(write_official(tmp_path / "b.pt", img, official_args(image_size=256)))
+    with pytest.raises(EqmError, match="args.model 'Foo-1' is not"):
+        read_official(write_official(tmp_path / "c.pt", img, official_args(model="Foo-1")))
+
+
+def test_bare_state_dict_and_energy_args(tmp_path):
+    img = image_model()
+    torch.save(img.state_dict(), tmp_path / "bare.pt")
+    loaded = read_official(tmp_path / "bare.pt")
+    assert loaded.weights == "file" and "bare state dict" in loaded.notes[0] and loaded.arch["num_heads"] == 4
+    loaded = read_official(write_official(tmp_path / "e.pt", img, official_args(ebm="mean", uncond=False)))
+    assert loaded.arch["energy"] == "dot" and any("uncond=False" in n for n in loaded.notes)
+
+
+class _Marker:
+    """Unpickling this would create a file: the attack a weights_only load must refuse."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("where", ["args", "ema"])
+def test_a_malicious_pickle_is_refused_without_running(tmp_path, where):
+    marker = tmp_path / "pwned"
+    img = image_model()
+    payload = {"model": img.state_dict(), "ema": img.state_dict(), "opt": {}, "args": official_args()}
+    payload[where] = _Marker(str(marker)) if where == "args" else {**img.state_dict(), "x": _Marker(str(marker))}
+    torch.save(payload, tmp_path / "evil.pt")
+    assert not marker.exists()
+    for load in (read_official, load_weights_from, load_official_model):
+        with pytest.raises(EqmError, match=r"refused to load .*evil.pt: the file asks to run 'io.open'.*nothing in it was executed"):
+            load(tmp_path / "evil.pt")
+    model = video_model()
+    with pytest.raises(EqmError, match="refused"):
+        init_from(model, tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_unreadable_and_missing_files_are_one_line_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EqmError, match="cannot read .*junk.pt"):
+        read_official(tmp_path / "junk.pt")
+    with pytest.raises(EqmError, match="weights not found"):
+        load_weights_from(tmp_path / "nope.pt")
+    with pytest.raises(EqmError, match="weights must be one of ema, model"):
+        load_weights_from(tmp_path / "junk.pt", weights="best")
+
+
+# ------------------------------------------------------------------------------ init_from
+
+
+def test_t1_forward_of_the_initialised_video_model_equals_the_image_model(official):
+    img, path = official
+    video = video_model()
+    report = init_from(video, path)
+    assert report.keys("adapted") == [] and report.keys("new") == [] and report.warnings == []
+    assert len(report.keys("loaded")) == len(video.state_dict())
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 7, 10])
+    out = video(x.unsqueeze(2), torch.tensor([[0.0], [0.5], [2.0]]), y).squeeze(2)
+    assert torch.equal(out, img(x, None, y))
+    text = "\n".join(report.lines())
+    assert "loaded" in text and "blocks.* (40)" in text and str(path) in text
+
+
+def test_model_weights_instead_of_ema(official):
+    _, path = official
+    video = video_model()
+    report = init_from(video, path, weights="model")
+    assert report.weights == "model" and not video.blocks[0].attn.qkv.weight.any()
+
+
+def test_temporal_patch_inflates_the_patch_kernel(official):
+    img, path = official
+    video = video_model(temporal_patch=2)
+    report = init_from(video, path)
+    assert set(report.keys("adapted")) == {"x_embedder.proj.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
+    frame = torch.randn(2, 4, 8, 8)
+    static = frame.unsqueeze(2).expand(-1, -1, 2, -1, -1)  # two equal frames
+    assert same(video.x_embedder(static), img.x_embedder(frame.unsqueeze(2)))
+    # the output layer repeats the image's per-frame prediction over both frames of a token
+    w = video.final_layer.linear.weight.reshape(2, -1, 64)
+    assert torch.equal(w[0], w[1]) and torch.equal(w[0], img.final_layer.linear.weight)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_learn_sigma_heads_kept_or_dropped(official, learn_sigma):
+    img, path = official
+    video = video_model(learn_sigma=learn_sigma)
+    report = init_from(video, path)
+    assert ("final_layer.linear.weight" in report.keys("adapted")) == (not learn_sigma)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    assert torch.equal(video(x.unsqueeze(2), None, y).squeeze(2), img(x, None, y))
+    # and back: a sigma-less source into a learn_sigma model gets a zero sigma half
+    if not learn_sigma:
+        target = video_model(learn_sigma=True)
+        sd, rep = adapt_state_dict(video.state_dict(), target, src_classes=10)
+        assert "sigma half added as zeros" in dict((k, h) for _, k, h in rep.entries)["final_layer.linear.weight"]
+        assert not sd["final_layer.linear.weight"].reshape(4, 8, 64)[:, 4:].any()
+
+
+def test_fps_embed_starts_as_the_image_model(official):
+    img, path = official
+    video = video_model(time_mode="fps-embed")
+    report = init_from(video, path)
+    assert sorted(report.keys("new")) == [f"fps_embedder.mlp.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([4, 10])
+    assert torch.equal(video(x.unsqueeze(2), torch.zeros(2, 1), y).squeeze(2), img(x, None, y))
+    clip = torch.randn(1, 4, 4, 8, 8)  # any rate: the fps embedding adds exactly 0
+    a = video(clip, torch.arange(4.0)[None] / 8, torch.tensor([1]))
+    b = video(clip, torch.arange(4.0)[None] / 60, torch.tensor([1]))
+    assert torch.equal(a, b)
+
+
+def test_rope_model_has_no_pos_embed_to_load(official):
+    _, path = official
+    video = video_model(pos="rope")
+    report = init_from(video, path)
+    assert report.keys("dropped") == ["pos_embed"] and "pos_embed" not in video.state_dict()
+    assert torch.equal(video.blocks[2].mlp.fc1.weight, load_weights_from(path).state_dict["blocks.2.mlp.fc1.weight"])
+
+
+def test_other_class_count_reinitialises_labels_and_keeps_the_null_row(official):
+    img, path = official
+    video = video_model(num_classes=5)
+    fresh = video.y_embedder.embedding_table.weight.detach().clone()
+    report = init_from(video, path)
+    assert report.keys("adapted") == ["y_embedder.embedding_table.weight"]
+    assert len(report.warnings) == 1 and "model.num_classes is 5" in report.warnings[0] and "10 classes" in report.warnings[0]
+    table = video.y_embedder.embedding_table.weight
+    assert torch.equal(table[:5], fresh[:5]) and torch.equal(table[5], img.y_embedder.embedding_table.weight[10])
+    x = torch.randn(2, 4, 8, 8)  # unconditional (null-label) output is the image model's
+    assert torch.equal(video(x.unsqueeze(2), None, torch.tensor([5, 5])).squeeze(2), img(x, None, torch.tensor([10, 10])))
+
+
+def test_unconditional_model_keeps_only_the_null_row(official):
+    img, path = official
+    video = video_model(num_classes=0)
+    report = init_from(video, path)
+    assert "null-class row kept" in dict((k, h) for _, k, h in report.entries)["y_embedder.embedding_table.weight"]
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(video(x.unsqueeze(2)).squeeze(2), img(x, None, torch.tensor([10, 10])))
+
+
+def test_other_input_size_recomputes_the_sincos_table(official):
+    _, path = official
+    video = video_model(input_size=16)
+    report = init_from(video, path)
+    assert report.keys("new") == ["pos_embed"]
+    assert torch.equal(video.pos_embed[0], sincos_grid_2d(64, 8, 8))
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(hidden_size=128, num_heads=4), "x_embedder.proj.weight"),
+    (dict(in_channels=3), "x_embedder.proj.weight"),
+    (dict(patch_size=4), "x_embedder.proj.weight"),
+    (dict(depth=6), "blocks.4.norm1"),
+])
+def test_shapes_that_cannot_be_adapted_name_the_key(official, kw, key):
+    _, path = official
+    video = video_model(**kw)
+    before = C.weights_checksum(video)
+    with pytest.raises(EqmError) as e:
+        init_from(video, path)
+    msg = str(e.value)
+    assert "\n" not in msg and (f"'{key}" in msg or "blocks.4." in msg)
+    assert C.weights_checksum(video) == before  # nothing half-loaded
+
+
+def test_deeper_checkpoint_is_an_error_naming_the_extra_key(official):
+    _, path = official
+    with pytest.raises(EqmError, match=r"'blocks.3.[\w.]+' in the checkpoint has no place in the model"):
+        init_from(video_model(depth=3), path)
+
+
+def test_init_from_an_eqmctl_run_directory_and_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_model("tiny", input_size=8, in_channels=4, num_frames=4, num_classes=3, time_mode="fps-embed")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.01)
+    ema = create_model("tiny", input_size=8, in_channels=4, num_frames=4, num_classes=3, time_mode="fps-embed")
+    C.save_checkpoint(tmp_path / "run", 5, model=src, ema=ema, arch=src.arch_config(), recipe={})
+    video = video_model(num_classes=3, learn_sigma=False)
+    report = init_from(video, tmp_path / "run")
+    assert report.weights == "ema" and report.source.endswith("ema.safetensors")
+    assert len(report.keys("dropped")) == 4 and report.warnings == []  # fps embedder of the source
+    assert C.weights_checksum(video) != C.weights_checksum(video_model(num_classes=3, learn_sigma=False))
+    init_from(video, tmp_path / "run", weights="model")
+    assert torch.equal(video.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    report = init_from(video_model(num_classes=3, learn_sigma=False, time_mode="fps-embed"), tmp_path / "w.safetensors")
+    assert len(report.keys("loaded")) == len(src.state_dict())
