@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import EqmError
+from .errors import EqmError, NonFiniteError
+from .jsonio import dumps
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -209,8 +210,7 @@ def _tensors(module_or_dict) -> dict:
 
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
+        f.write(dumps(obj, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -337,8 +337,26 @@ def load_weights(path: PathLike, device="cpu") -> dict:
         raise EqmError(f"cannot read weights {path}: {e}") from None
 
 
+def check_weights(state_dict: dict, source: PathLike) -> None:
+    """Refuse weights that cannot be a trained model: a non-float tensor (int, bool: EqmError) or
+    NaN / inf values (NonFiniteError, exit code 1: the run that wrote them diverged)."""
+    import torch
+
+    for k, v in state_dict.items():
+        if not torch.is_floating_point(v):
+            raise EqmError(f"weights {source}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; "
+                           "model weights must be floating point")
+    for k, v in state_dict.items():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise NonFiniteError(f"weights {source}: tensor {k!r} holds {bad} NaN/inf values (the training run "
+                                 "that wrote them diverged); use an earlier checkpoint")
+
+
 def load_into(model, state_dict: dict, source: PathLike) -> None:
-    """load_state_dict(strict=True) with a one-line EqmError on any key or shape mismatch."""
+    """load_state_dict(strict=True) with a one-line EqmError on any key or shape mismatch, a
+    non-float tensor or non-finite values (`check_weights`)."""
+    check_weights(state_dict, source)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

@@ -14,3 +14,10 @@ class EqmError(Exception):
 
     def __str__(self) -> str:  # keep it one line whatever the caller passed
         return " ".join(str(self.args[0]).split())
+
+
+class NonFiniteError(EqmError):
+    """A model produced NaN or inf (exit code 1: the run failed, the input was well-formed)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message, exit_code)

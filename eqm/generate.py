@@ -11,7 +11,6 @@ the same clip whatever the batch size, and a run of 8 samples starts with the 4 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -22,7 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .errors import EqmError
+from .errors import EqmError, NonFiniteError
+from .jsonio import dumps
 from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
 
 FORMATS = ("mp4", "mkv", "gif")
@@ -337,9 +337,8 @@ def generate(
             )
         x = res.x.float().cpu()
         if not torch.isfinite(x).all():
-            raise EqmError(
-                f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size", exit_code=1
-            )
+            raise NonFiniteError(f"sampling diverged (non-finite values) with step size {step_size}; "
+                                 "try a smaller --step-size")
         outs.append(x.clamp(-1, 1))
         evals.append(res.evals.cpu())
         rms.append(res.final_rms.float().cpu())
@@ -467,8 +466,7 @@ def _write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(dumps(obj, indent=2) + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import checkpoint as ckpt_io
+from .jsonio import dumps
 
 PathLike = Union[str, Path]
 
@@ -89,14 +90,14 @@ class RunDir:
     def metrics(self, row: dict) -> None:
         """Append one JSON row to metrics.jsonl."""
         with open(self.path / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
 
     def preview_path(self, step: int) -> Path:
         """previews/step_XXXXXXX.mp4."""
         return self.path / PREVIEW_DIR / f"step_{int(step):07d}.mp4"
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write_text(self.path / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        _atomic_write_text(self.path / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

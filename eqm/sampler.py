@@ -53,7 +53,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .embed import check_timestamps
-from .errors import EqmError
+from .errors import EqmError, NonFiniteError
 
 METHODS = ("gd", "nag")
 
@@ -96,6 +96,16 @@ def _model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _check_finite(rms: torch.Tensor, idx: torch.Tensor, step: int) -> None:
+    """NonFiniteError when the field of any sample is NaN/inf: such a sample is noise, not converged."""
+    bad = ~torch.isfinite(rms)
+    if bad.any():
+        which = idx[bad].tolist()
+        shown = ", ".join(str(i) for i in which[:5]) + (", ..." if len(which) > 5 else "")
+        raise NonFiniteError(f"the model's output is not finite (NaN or inf) at sampler step {step + 1} "
+                             f"for sample {shown}: its weights or the step size are broken")
 
 
 def sample(
@@ -211,8 +221,9 @@ def sample(
                 f = field(xq, idx)
                 evals[idx] += 1
                 rms = (f.float().pow(2).flatten(1).sum(1) / free[idx].clamp(min=1)).sqrt()
+                _check_finite(rms, idx, step)
                 last_rms[idx] = rms
-                moving = torch.ones_like(rms, dtype=torch.bool) if tol is None else rms >= tol
+                moving = torch.ones_like(rms, dtype=torch.bool) if tol is None else ~(rms < tol)
                 if m is not None:
                     m[idx] = f
                 keep = moving.reshape(-1, *([1] * (x.ndim - 1)))

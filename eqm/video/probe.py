@@ -649,18 +649,75 @@ def summarize(results: Sequence[ProbeResult]) -> dict[str, Any]:
 # Manifest (JSONL, one ProbeResult per line)
 
 
-def write_manifest(results: Iterable[ProbeResult], path: str | os.PathLike) -> Path:
-    """Write results as JSONL, atomically (temporary file in the same folder, then rename).
+#: How much of an existing file `check_manifest_target` reads to recognise one of our manifests.
+_MANIFEST_SNIFF_BYTES = 64 * 1024
 
-    Every result is written, broken ones included, so a reader can report how many files it
-    skips; readers use only status == "ok" lines. A file inside the manifest's folder is stored
-    with a path relative to that folder (the dataset and its manifest can move together); others
-    keep an absolute path. `read_manifest` resolves both.
+
+def _is_our_manifest(path: Path) -> bool:
+    """True when the file's first line is a manifest entry as `write_manifest` writes it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_MANIFEST_SNIFF_BYTES)
+    except OSError:
+        return False
+    first, newline, _ = head.partition(b"\n")
+    if not first.startswith(b'{"path":'):
+        return False
+    if not newline:  # a first line longer than the sniff (thousands of pts): judge by its keys
+        return b'"status":' in first
+    try:
+        d = json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(d, dict) and all(k in d for k in _REQUIRED)
+
+
+def check_manifest_target(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,
+                          force: bool = False) -> None:
+    """Refuse a manifest path whose replacement would destroy data (EqmError, exit code 2).
+
+    Never replaced: a folder, anything that is not a regular file (FIFO, device, socket), or one
+    of ``inputs`` (the files being probed, compared by inode so symlinks and hard links count).
+    A regular file is replaced only when it is empty or already a manifest written by
+    `write_manifest`, or when ``force`` is given.
     """
     out = Path(path)
     folder = out.absolute().parent
     if not folder.is_dir():
         raise EqmError(f"cannot write manifest {out}: folder {folder} does not exist")
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise EqmError(f"cannot write manifest {out}: {_err_text(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise EqmError(f"manifest path {out} is a folder; give a file name such as {out / 'manifest.jsonl'}")
+    if not stat.S_ISREG(st.st_mode):
+        raise EqmError(f"manifest path {out} is not a regular file (a FIFO, device or socket); refusing to replace it")
+    for f in inputs:
+        with contextlib.suppress(OSError):
+            fs = os.stat(f)
+            if (fs.st_dev, fs.st_ino) == (st.st_dev, st.st_ino):
+                raise EqmError(f"manifest path {out} is one of the files being probed ({f}); refusing to replace it")
+    if not force and st.st_size > 0 and not _is_our_manifest(out):
+        raise EqmError(f"{out} exists and is not a manifest written by eqmctl; refusing to replace it "
+                       "(pass --force to overwrite it)")
+
+
+def write_manifest(results: Iterable[ProbeResult], path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write results as JSONL, atomically (temporary file in the same folder, then rename).
+
+    Every result is written, broken ones included, so a reader can report how many files it
+    skips; readers use only status == "ok" lines. A file inside the manifest's folder is stored
+    with a path relative to that folder (the dataset and its manifest can move together); others
+    keep an absolute path. `read_manifest` resolves both. What is already at ``path`` is replaced
+    only when `check_manifest_target` allows it (``force`` as there).
+    """
+    out = Path(path)
+    folder = out.absolute().parent
+    results = list(results)
+    check_manifest_target(out, [r.path for r in results], force=force)
     lines = []
     for r in results:
         d = r.to_dict()
@@ -670,17 +727,20 @@ def write_manifest(results: Iterable[ProbeResult], path: str | os.PathLike) -> P
         except ValueError:
             d["path"] = str(ap)
         lines.append(json.dumps(d, separators=(",", ":"), allow_nan=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + ("\n" if lines else ""))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    except OSError as e:
+        raise EqmError(f"cannot write manifest {out}: {_err_text(e)}") from None
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return out
 
 
@@ -801,6 +861,7 @@ __all__ = [
     "STATUSES",
     "STATUS_OK",
     "VIDEO_EXTENSIONS",
+    "check_manifest_target",
     "collect_videos",
     "probe_file",
     "probe_paths",

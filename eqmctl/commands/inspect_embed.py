@@ -51,7 +51,7 @@ def inspect_embed(
     frequencies.png: each temporal frequency in Hz against each rate's Nyquist limit.
     """
     with user_errors():
-        import json as _json
+        from eqm.jsonio import dumps
         from dataclasses import replace
 
         from eqm.errors import EqmError
@@ -94,7 +94,7 @@ def inspect_embed(
         report = inspect_embedding(cfg, rate_list, compare=pair, seconds=seconds)
         write_plots(report, out)
         if json_out:
-            print(_json.dumps(report.to_dict(), indent=2))
+            print(dumps(report.to_dict(), indent=2))
             return
         _print_report(report)
 

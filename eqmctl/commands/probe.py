@@ -20,8 +20,10 @@ def probe_fps(
     manifest: Optional[Path] = typer.Option(
         None, "--manifest", "-m", metavar="FILE", dir_okay=False,
         help="Write a JSONL manifest (one file per line, with packet pts and keyframe times) "
-        "for the training data pipeline. Written atomically.",
+        "for the training data pipeline. Written atomically; an existing file is replaced only if it "
+        "is empty or a manifest (see --force); never a probed video, a folder, a FIFO or a device.",
     ),
+    force: bool = typer.Option(False, "--force", help="Let --manifest replace an existing regular file that is not a manifest."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1, help="Most parallel worker processes (default: the usable CPUs; a few files are probed serially)."),
     summary_only: bool = typer.Option(False, "--summary-only", "-s", help="Skip the per-file table; print the summary and problems only."),
     with_pts: bool = typer.Option(False, "--pts", help="Include per-file pts and keyframe times in --json output."),
@@ -40,7 +42,7 @@ def probe_fps(
     """
     with user_errors():
         from eqm.errors import EqmError
-        from eqm.video.probe import collect_videos, summarize, write_manifest
+        from eqm.video.probe import check_manifest_target, collect_videos, summarize, write_manifest
 
         files = collect_videos(paths)
         for p in paths:
@@ -48,15 +50,13 @@ def probe_fps(
                 warn(f"no video files under {p}")
         if not files:
             raise EqmError("no video files found in " + ", ".join(str(p) for p in paths))
-        if manifest is not None and manifest.is_dir():
-            raise EqmError(f"--manifest {manifest} is a folder; give a file name such as {manifest / 'manifest.jsonl'}")
-        if manifest is not None and not manifest.absolute().parent.is_dir():
-            raise EqmError(f"--manifest {manifest}: folder {manifest.absolute().parent} does not exist")
+        if manifest is not None:  # before probing: a wrong --manifest fails in a second, not after an hour
+            check_manifest_target(manifest, files, force=force)
 
         results = _run(files, workers, show_progress and err_console.is_terminal)
         summary = summarize(results)
         if manifest is not None:
-            write_manifest(results, manifest)
+            write_manifest(results, manifest, force=force)
         out = err_console if json_out else console
         if json_out:
             doc = {"files": [r.to_dict(timestamps=with_pts) for r in results], "summary": summary}

@@ -45,7 +45,7 @@ def retime(
     the frames in between at their real timestamps (e.g. 15 fps -> 60 fps).
     """
     with user_errors():
-        import json as _json
+        from eqm.jsonio import dumps
 
         from eqm.errors import EqmError
         from eqm.retime import MODES, check_paths
@@ -105,7 +105,7 @@ def retime(
             }
             if mode == "model":
                 doc["checkpoint"] = state.get("checkpoint")
-            print(_json.dumps(doc, indent=2))
+            print(dumps(doc, indent=2))
             return
         _print_summary(input, res, blend and mode == "resample", state)
 

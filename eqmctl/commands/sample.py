@@ -46,7 +46,7 @@ def sample(
         import json as _json
 
         from eqm.checkpoint import load_model, resolve_checkpoint
-        from eqm.errors import EqmError
+        from eqm.errors import EqmError, NonFiniteError
         from eqm.generate import (
             FORMATS, check_sampler_options, generate, parse_labels, plan_frames, recipe_cfg_scale, resolve_device,
             write_generation,
@@ -90,6 +90,8 @@ def sample(
                 method=sampler, steps=steps, step_size=step_size, momentum=momentum, tol=tol or None,
                 seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
             )
+        except NonFiniteError as e:  # the model is what broke: name its checkpoint
+            raise NonFiniteError(f"checkpoint {path}: {e}") from None
         finally:
             if bar is not None:
                 bar.stop()
