@@ -107,31 +107,41 @@ def _inflate_patch(src: torch.Tensor, own: torch.Tensor) -> Optional[torch.Tenso
     return (src / pt).unsqueeze(2).expand(-1, -1, pt, -1, -1).contiguous()
 
 
-def _map_output(src: torch.Tensor, own: torch.Tensor, model) -> tuple[Optional[torch.Tensor], str]:
+def _source_temporal_patch(src: dict) -> int:
+    """p_t of the source, read from its patch kernel ((D, C, p, p) -> 1, (D, C, p_t, p, p) -> p_t)."""
+    w = src.get(_PATCH)
+    return int(w.shape[2]) if w is not None and w.ndim == 5 else 1
+
+
+def _map_output(theirs: torch.Tensor, own: torch.Tensor, model, src_pt: int) -> tuple[Optional[torch.Tensor], str]:
     """final_layer.linear weight/bias: drop or add the sigma half, repeat over the temporal patch.
 
     Rows are ordered (frame in token, row, col, channel), channel fastest; the first C channels
-    are the EqM gradient, the next C (learn_sigma) the unused sigma head.
+    are the EqM gradient, the next C (learn_sigma) the unused sigma head.  The source's layout is
+    read from its own patch kernel, never guessed from this shape alone (a learn_sigma image
+    head and a p_t = 2 head without sigma have the same number of rows).
     """
     p, C, pt = model.patch_size, model.in_channels, model.temporal_patch
-    tail = tuple(src.shape[1:])
-    if tail != tuple(own.shape[1:]) or src.shape[0] not in (p * p * C, 2 * p * p * C):
+    tail = tuple(theirs.shape[1:])
+    per_token = src_pt * p * p * C
+    if tail != tuple(own.shape[1:]) or theirs.shape[0] not in (per_token, 2 * per_token) or src_pt not in (1, pt):
         return None, ""
-    per_pos = src.reshape(p * p, -1, *tail)  # (p*p, C or 2C, ...)
-    src_sigma = per_pos.shape[1] == 2 * C
-    grad, sigma = per_pos[:, :C], (per_pos[:, C:] if src_sigma else torch.zeros_like(per_pos))
+    cells = theirs.reshape(src_pt, p * p, -1, *tail)  # (p_t, p*p, C or 2C, ...)
+    src_sigma = cells.shape[2] == 2 * C
+    grad = cells[:, :, :C]
     hows = []
     if model.learn_sigma:
-        per_pos = torch.cat([grad, sigma], 1)
+        cells = torch.cat([grad, cells[:, :, C:] if src_sigma else torch.zeros_like(grad)], 2)
         if not src_sigma:
             hows.append("sigma half added as zeros, EqM never reads it")
     else:
-        per_pos = grad
+        cells = grad
         if src_sigma:
             hows.append("sigma half dropped, EqM never reads it")
-    out = per_pos.reshape(1, -1, *tail).expand(pt, -1, *([-1] * len(tail))).reshape(-1, *tail)
-    if pt > 1:
+    if src_pt != pt:
+        cells = cells.expand(pt, *cells.shape[1:])
         hows.append(f"repeated over the {pt} frames of a token")
+    out = cells.reshape(-1, *tail)
     if tuple(out.shape) != tuple(own.shape):
         return None, ""
     return out.contiguous(), ", ".join(hows)
@@ -209,16 +219,16 @@ def _map_one(key, mine, src, model, source, src_classes, report):
     theirs = src[key]
     if key == _POS and tuple(theirs.shape) != tuple(mine.shape):
         return mine, "new", f"sin/cos table recomputed for {model.grid[0]}x{model.grid[1]} tokens, the checkpoint's has {theirs.shape[1]}"
-    if tuple(theirs.shape) == tuple(mine.shape):
+    if key in (_OUT_W, _OUT_B):  # before the shape test: equal shapes can still mean another layout
+        value, how = _map_output(theirs, mine, model, _source_temporal_patch(src))
+        if value is not None:
+            return value, ("adapted" if how else "loaded"), how
+    elif tuple(theirs.shape) == tuple(mine.shape):
         return theirs, "loaded", ""
     if key == _PATCH:
         value = _inflate_patch(theirs, mine)
         if value is not None:
             return value, "adapted", f"2D kernel / {mine.shape[2]} on each of {mine.shape[2]} frames"
-    elif key in (_OUT_W, _OUT_B):
-        value, how = _map_output(theirs, mine, model)
-        if value is not None:
-            return value, "adapted", how
     elif key == _LABELS:
         mapped = _map_labels(theirs, mine, model, src_classes, report)
         if mapped is not None:

@@ -102,6 +102,13 @@ class ModelConfig:
     depth: Optional[int] = _f(None, "override the size's number of blocks; null = from `size`")
     num_heads: Optional[int] = _f(None, "override the size's attention heads; null = from `size`")
     mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of D")
+    init_from: Optional[str] = _f(
+        None,
+        "initial weights: an official EqM .pt (e.g. the EqM-XL/2 ImageNet checkpoint), an eqmctl checkpoint "
+        "or run directory, or a .safetensors file, mapped onto this model with a loaded/adapted/new/dropped "
+        "table at start-up (docs/official-init.md); null = random initialisation; not used when resuming",
+    )
+    init_weights: Literal["ema", "model"] = _f("ema", "which weights of model.init_from: ema (the averaged weights) or model (the raw ones)")
 
 
 @dataclass

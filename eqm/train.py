@@ -198,6 +198,22 @@ def build_model(recipe: Recipe, num_classes: int, *, time_order: Optional[str] =
         return create_model(recipe.model.size, **kw)
 
 
+def apply_init_from(model, recipe: Recipe):
+    """``model.init_from``: initial weights mapped onto the freshly built model (eqm.adapt).
+
+    Returns the :class:`eqm.adapt.InitReport` (its ``lines()`` are the start-up table), or None
+    when the recipe has no init_from.
+    """
+    from .adapt import init_from
+
+    path = recipe.model.init_from
+    if not path:
+        return None
+    if not Path(path).exists():
+        raise EqmError(f"model.init_from: {path} not found (an official EqM .pt, an eqmctl checkpoint or run directory, or a .safetensors file)")
+    return init_from(model, path, recipe.model.init_weights)
+
+
 def resume_time_order(recipe: Recipe, state: dict, ckpt) -> str:
     """The sincos layout a run resumed from ``ckpt`` keeps: the checkpoint's own.
 
@@ -333,6 +349,10 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
     dataset = build_dataset(recipe, warn=warn)
     num_classes = resolve_num_classes(recipe, dataset)
     model = build_model(recipe, num_classes)
+    init_report = apply_init_from(model, recipe)
+    if init_report is not None and warn is not None:
+        for text in init_report.warnings:
+            warn(text)
     opt, _ = build_optimizer(model, recipe)
     item = dataset[0]
     clip = tuple(item["video"].shape)
@@ -355,6 +375,8 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tokens_per_clip": (recipe.data.num_frames // recipe.model.temporal_patch) * model.grid[0] * model.grid[1],
         "arch": model.arch_config(),
+        "init_from": None if init_report is None else {"source": init_report.source, "weights": init_report.weights,
+                                                       "rows": init_report.rows()},
         "optimizer": f"AdamW(lr={t.lr:g}, weight_decay={t.weight_decay:g}) with {len(opt.param_groups[0]['params'])} tensors",
         "processes": world,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -604,7 +626,7 @@ def train(
         _restore(run, plan.resume_ckpt, warn)
     run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
     run.raw_model = accelerator.unwrap_model(run.model)
-    reporter = _open_run_dir(run, log)
+    reporter = _open_run_dir(run, log, warn)
     loop = _Loop(run, reporter, t0)
     try:
         loop.train()
@@ -667,6 +689,7 @@ class _Run:
     start_step: int = 0
     resume_ckpt: Optional[Path] = None
     sched_note: Optional[str] = None
+    init_report: Any = None  # eqm.adapt.InitReport of model.init_from, None without it
 
     @property
     def log_with(self) -> Optional[str]:
@@ -681,12 +704,13 @@ def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], N
     state = ckpt_io.load_state(plan.resume_ckpt) if plan.resume_ckpt is not None else None
     order = resume_time_order(recipe, state, plan.resume_ckpt) if state is not None else None
     model = build_model(recipe, num_classes, time_order=order).to(accelerator.device)
+    init_report = apply_init_from(model, recipe) if plan.resume_ckpt is None else None
     ema = EMA(model, recipe.train.ema_decay)
     optimizer, scheduler = build_optimizer(model, recipe)
     return _Run(
         recipe=recipe, accelerator=accelerator, run_dir=plan.run_dir, files=RunDir(plan.run_dir) if main else None,
         dataset=dataset, num_classes=num_classes, model=model, ema=ema, optimizer=optimizer,
-        scheduler=scheduler, resume_state=state, raw_model=model,
+        scheduler=scheduler, resume_state=state, raw_model=model, init_report=init_report,
     )
 
 
@@ -709,7 +733,7 @@ def _restore(run: _Run, ckpt: Path, warn: Callable[[str], None]) -> None:
             warn(f"resuming {ckpt} with a recipe that differs in: {', '.join(changed)}")
 
 
-def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]]) -> "_Reporter":
+def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]], warn: Callable[[str], None]) -> "_Reporter":
     """Main process: create the run directory's files and trackers, and log the run's first line."""
     t = run.recipe.train
     reporter = _Reporter(run.files, t.steps, run.start_step, log)
@@ -729,6 +753,11 @@ def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]]) -> "_Reporter
     )
     if run.sched_note:
         reporter.line(run.sched_note)
+    if run.init_report is not None:
+        for text in run.init_report.lines():
+            reporter.line(text)
+        for text in run.init_report.warnings:
+            warn(text)
     return reporter
 
 

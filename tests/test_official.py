@@ -153,17 +153,22 @@ def test_model_weights_instead_of_ema(official):
     assert report.weights == "model" and not video.blocks[0].attn.qkv.weight.any()
 
 
-def test_temporal_patch_inflates_the_patch_kernel(official):
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_temporal_patch_inflates_the_patch_kernel(official, learn_sigma):
     img, path = official
-    video = video_model(temporal_patch=2)
+    video = video_model(temporal_patch=2, learn_sigma=learn_sigma)
     report = init_from(video, path)
     assert set(report.keys("adapted")) == {"x_embedder.proj.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
     frame = torch.randn(2, 4, 8, 8)
     static = frame.unsqueeze(2).expand(-1, -1, 2, -1, -1)  # two equal frames
     assert same(video.x_embedder(static), img.x_embedder(frame.unsqueeze(2)))
     # the output layer repeats the image's per-frame prediction over both frames of a token
-    w = video.final_layer.linear.weight.reshape(2, -1, 64)
-    assert torch.equal(w[0], w[1]) and torch.equal(w[0], img.final_layer.linear.weight)
+    # (without learn_sigma the head has as many rows as the image's sigma head: the layout decides)
+    w = video.final_layer.linear.weight.reshape(2, 4, -1, 64)
+    image_w = img.final_layer.linear.weight.reshape(4, 8, 64)[:, : w.shape[2]]
+    assert torch.equal(w[0], w[1]) and torch.equal(w[0], image_w)
+    clip = torch.randn(1, 4, 2, 8, 8)
+    assert video(clip).shape == clip.shape
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
@@ -276,3 +281,32 @@ def test_init_from_an_eqmctl_run_directory_and_a_safetensors_file(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
     report = init_from(video_model(num_classes=3, learn_sigma=False, time_mode="fps-embed"), tmp_path / "w.safetensors")
     assert len(report.keys("loaded")) == len(src.state_dict())
+
+
+# ------------------------------------------------------------------------------ recipes / train
+
+
+def test_train_starts_from_an_official_checkpoint_and_reports_the_mapping(tmp_path):
+    from typer.testing import CliRunner
+
+    from eqmctl.cli import app
+    from tests.test_train import FAST, TINY
+
+    # a pixel-space image model in the official layout that fits the fast tiny recipe (3 x 16 x 16, patch 4)
+    img = image_model(input_size=16, in_channels=3, patch_size=4, num_classes=4)
+    path = write_official(tmp_path / "img.pt", img, official_args(model="EqM-tiny/4", image_size=None, num_classes=4))
+    args = ["train", str(TINY), *FAST, "model.depth=4", "train.steps=1", f"model.init_from={path}", "model.temporal_patch=2"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--validate"])
+    assert res.exit_code == 0, res.output
+    assert "initial weights from" in res.output and "adapted" in res.output and "x_embedder.proj.weight" in res.output
+
+    res = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "initial weights from" in res.output and "loaded" in res.output and "2D kernel / 2" in res.output
+    trained, _ = C.load_model(tmp_path / "run", use_ema=False)
+    moved = (trained.blocks[0].attn.qkv.weight - img.blocks[0].attn.qkv.weight).abs().max()
+    assert moved < 0.01  # one AdamW step (lr 1e-3) away from the image weights
+
+    res = runner.invoke(app, ["train", str(TINY), *FAST, f"model.init_from={tmp_path / 'missing.pt'}", "--validate"])
+    assert res.exit_code == 2 and "model.init_from:" in res.output and "not found" in res.output

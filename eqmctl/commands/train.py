@@ -90,6 +90,20 @@ def _validate(rec) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    if s["init_from"]:
+        _print_init(s["init_from"])
+
+
+def _print_init(init: dict) -> None:
+    """The model.init_from report: one row per status (loaded / adapted / new / dropped)."""
+    from rich.table import Table
+
+    table = Table(title=f"initial weights from {init['source']} ({init['weights']})", title_justify="left")
+    for col in ("status", "count", "parameters"):
+        table.add_column(col, overflow="fold", justify="right" if col == "count" else "left")
+    for status, count, names in init["rows"]:
+        table.add_row(status, str(count), names)
+    console.print(table)
 
 
 def _print_schema() -> None:
