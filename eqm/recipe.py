@@ -136,11 +136,15 @@ class SyntheticConfig:
 class DataConfig:
     """Where clips come from and how each clip is cut (eqm.data.clips.ClipPolicy)."""
 
-    source: Literal["synthetic", "folder", "manifest"] = _f(
-        "synthetic", "synthetic (rendered), folder (class subfolders of videos) or manifest (probe-fps JSONL)"
+    source: Literal["synthetic", "folder", "manifest", "latents"] = _f(
+        "synthetic", "synthetic (rendered), folder (class subfolders of videos), manifest (probe-fps JSONL) "
+        "or latents (a latent cache written by `eqmctl cache`)"
     )
     root: Optional[str] = _f(None, "folder source: the dataset root (one subfolder per class)")
     manifest: Optional[str] = _f(None, "manifest source: path of the JSONL written by `eqmctl probe-fps`")
+    latents: Optional[str] = _f(
+        None, "latents source: the directory written by `eqmctl cache` (clip shape, rates and timestamps come from it)"
+    )
     num_frames: int = _f(8, "frames T per training clip")
     fps_min: float = _f(8.0, "lowest effective frame rate a clip is sampled at")
     fps_max: float = _f(30.0, "highest effective frame rate (never above the source's own rate)")
@@ -153,6 +157,21 @@ class DataConfig:
         "length is files x clips_per_file, and item i is always the same clip (reproducible across workers)"
     )
     synthetic: SyntheticConfig = _f(doc="options of the synthetic source", factory=SyntheticConfig)
+
+
+@dataclass
+class VaeConfig:
+    """The VAE whose latent space the model works in (eqm.vae); weights from a local folder."""
+
+    path: Optional[str] = _f(
+        None, "local folder of a diffusers VAE: AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema, per frame) or "
+        "AutoencoderKLWan (e.g. the vae/ folder of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, 4x temporal); kind from its "
+        "config.json; null = pixels (with data.source latents: the cache's VAE)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "precision the VAE runs in (bfloat16 on a GPU halves its memory)"
+    )
+    batch_size: int = _f(8, "clips per VAE call when caching or encoding on the fly")
 
 
 @dataclass
@@ -221,6 +240,7 @@ class Recipe:
     model: ModelConfig = _f(doc="the transformer", factory=ModelConfig)
     objective: ObjectiveConfig = _f(doc="the EqM loss", factory=ObjectiveConfig)
     data: DataConfig = _f(doc="the training clips", factory=DataConfig)
+    vae: VaeConfig = _f(doc="the latent space (null path = pixels)", factory=VaeConfig)
     train: TrainConfig = _f(doc="the optimisation loop", factory=TrainConfig)
     sample: SampleConfig = _f(doc="sampler defaults", factory=SampleConfig)
     tracking: TrackingConfig = _f(doc="optional trackers", factory=TrackingConfig)
@@ -477,14 +497,18 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     need(d.fps_min <= d.fps_max, "data.fps_min", f"must be <= data.fps_max ({d.fps_max:g})")
     need(d.height >= 1, "data.height", "must be >= 1")
     need(d.width >= 1, "data.width", "must be >= 1")
-    need(d.height % m.patch_size == 0, "data.height", f"must be divisible by model.patch_size ({m.patch_size})")
-    need(d.width % m.patch_size == 0, "data.width", f"must be divisible by model.patch_size ({m.patch_size})")
-    need(d.num_frames % m.temporal_patch == 0, "data.num_frames", f"must be divisible by model.temporal_patch ({m.temporal_patch})")
+    if recipe.vae.path is None and d.source != "latents":  # in latent space the latents' shape is checked
+        need(d.height % m.patch_size == 0, "data.height", f"must be divisible by model.patch_size ({m.patch_size})")
+        need(d.width % m.patch_size == 0, "data.width", f"must be divisible by model.patch_size ({m.patch_size})")
+        need(d.num_frames % m.temporal_patch == 0, "data.num_frames", f"must be divisible by model.temporal_patch ({m.temporal_patch})")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     if d.source == "folder":
         need(bool(d.root), "data.root", "must be set when data.source is folder")
     if d.source == "manifest":
         need(bool(d.manifest), "data.manifest", "must be set when data.source is manifest")
+    if d.source == "latents":
+        need(bool(d.latents), "data.latents", "must be set when data.source is latents (a directory from `eqmctl cache`)")
+    need(recipe.vae.batch_size >= 1, "vae.batch_size", "must be >= 1")
     need(d.synthetic.num_classes >= 1, "data.synthetic.num_classes", "must be >= 1")
     need(d.synthetic.length >= 1, "data.synthetic.length", "must be >= 1")
     need(d.clips_per_file >= 1, "data.clips_per_file", "must be >= 1")

@@ -137,19 +137,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 def build_dataset(recipe: Recipe, seed: Optional[int] = None, warn: Optional[Callable[[str], None]] = None):
     """The training dataset of a recipe (eqm.data.clips.build_dataset); ``warn`` gets the data
     warnings (skipped files) as one line each."""
-    from .data.clips import ClipPolicy, build_dataset as _build
+    from .data.clips import dataset_from_config
 
-    d = recipe.data
-    policy = ClipPolicy(
-        num_frames=d.num_frames, fps_min=d.fps_min, fps_max=d.fps_max,
-        height=d.height, width=d.width, random_flip=d.random_flip,
-    )
-    synth = {k: v for k, v in (("speed", d.synthetic.speed), ("radius", d.synthetic.radius)) if v is not None}
-    return _build(
-        d.source, root=d.root, manifest=d.manifest, policy=policy,
-        num_classes=d.synthetic.num_classes, length=d.synthetic.length,
-        seed=recipe.train.seed if seed is None else seed, clips_per_file=d.clips_per_file, warn=warn, **synth,
-    )
+    return dataset_from_config(recipe.data, recipe.train.seed if seed is None else seed, warn)
 
 
 def resolve_num_classes(recipe: Recipe, dataset) -> int:

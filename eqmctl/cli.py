@@ -39,6 +39,9 @@ app.command("inspect-embed")(_inspect_embed.inspect_embed)
 from eqmctl.commands import retime as _retime  # noqa: E402
 
 app.command("retime")(_retime.retime)
+from eqmctl.commands import cache as _cache  # noqa: E402
+
+app.command("cache")(_cache.cache)
 # --- end of command registration ----------------------------------------------------------
 
 

@@ -212,6 +212,12 @@ def _item(video: torch.Tensor, timestamps, label: int, fps: float) -> dict:
     }
 
 
+def _info(source: str, spatial: SpatialParams, **extra) -> dict:
+    """Provenance of one clip: its source and the resize/crop/flip applied (JSON-able)."""
+    crop = {"resize": list(spatial.size), "top": spatial.top, "left": spatial.left, "flip": spatial.flip}
+    return {"source": source, "crop": crop, **extra}
+
+
 def _check_index(index, n: int) -> int:
     i = int(index)
     if i < 0:
@@ -260,6 +266,10 @@ class SyntheticClipDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index) -> dict:
+        return self.read_with_info(index)[0]
+
+    def read_with_info(self, index) -> tuple[dict, dict]:
+        """Item ``index`` and where it came from (source, label, crop), for the latent cache."""
         i = _check_index(index, self.length)
         rng = item_rng(self.seed, i)
         label = i % self.motion.num_classes
@@ -267,8 +277,10 @@ class SyntheticClipDataset(torch.utils.data.Dataset):
         t = np.arange(self.policy.num_frames, dtype=np.float64) / fps
         start = self.motion.random_start(label, rng, duration=float(t[-1]))
         video = self.motion.render(label, t, start=start)
-        video = self.policy.apply_spatial(video, self.policy.choose_spatial(rng, self.motion.height, self.motion.width))
-        return _item(video, t, label, fps)
+        spatial = self.policy.choose_spatial(rng, self.motion.height, self.motion.width)
+        video = self.policy.apply_spatial(video, spatial)
+        return _item(video, t, label, fps), _info("synthetic", spatial, class_name=self.class_names[label],
+                                                      start=[float(v) for v in start])
 
 
 # ================================================================================================
@@ -403,6 +415,16 @@ class _VideoClipDataset(torch.utils.data.Dataset):
 
     def load(self, g: int, rng: np.random.Generator) -> dict:
         """Read one clip of source g with the draws of `rng` (rate, first frame, crop, flip)."""
+        return self._load_with_info(g, rng)[0]
+
+    def read_with_info(self, index) -> tuple[dict, dict]:
+        """Item ``index`` read from its own file, without the fallback of ``__getitem__`` (a
+        broken file raises), and where it came from: what the latent cache stores per clip."""
+        i = _check_index(index, len(self))
+        f = i % len(self.sources)
+        return self._load_with_info(f, item_rng(self.seed, i, f))
+
+    def _load_with_info(self, g: int, rng: np.random.Generator) -> tuple[dict, dict]:
         from eqm.video.io import from_uint8, read_clip
 
         src = self.sources[g]
@@ -413,8 +435,11 @@ class _VideoClipDataset(torch.utils.data.Dataset):
             raise EqmError(f"{src.path}: read {len(clip)} frames instead of {self.policy.num_frames}")
         ts = clip.pts - clip.pts[0]
         video = from_uint8(clip.frames)
-        video = self.policy.apply_spatial(video, self.policy.choose_spatial(rng, video.shape[2], video.shape[3]))
-        return _item(video, ts, src.label, fps)
+        spatial = self.policy.choose_spatial(rng, video.shape[2], video.shape[3])
+        video = self.policy.apply_spatial(video, spatial)
+        info = _info(src.path, spatial, class_name=self.class_names[src.label], frames=[int(k) for k in idx],
+                     source_fps=src.rate, vfr=src.vfr)
+        return _item(video, ts, src.label, fps), info
 
 
 class VideoFolderDataset(_VideoClipDataset):
@@ -518,7 +543,19 @@ def build_dataset(source: str, *, root=None, manifest=None, policy: ClipPolicy, 
     raise EqmError(f"data.source must be 'synthetic', 'folder' or 'manifest', got {source!r}")
 
 
+def dataset_from_config(d, seed: int, warn: Optional[Callable[[str], None]] = None):
+    """The pixel dataset of a recipe's ``data`` section (an eqm.recipe.DataConfig, read by
+    attribute): its clip policy and source, item i seeded from (seed, i)."""
+    policy = ClipPolicy(num_frames=d.num_frames, fps_min=d.fps_min, fps_max=d.fps_max,
+                        height=d.height, width=d.width, random_flip=d.random_flip)
+    synth = {k: v for k, v in (("speed", d.synthetic.speed), ("radius", d.synthetic.radius)) if v is not None}
+    return build_dataset(d.source, root=d.root, manifest=d.manifest, policy=policy,
+                         num_classes=d.synthetic.num_classes, length=d.synthetic.length, seed=seed,
+                         clips_per_file=d.clips_per_file, warn=warn, **synth)
+
+
 __all__ = [
+    "dataset_from_config",
     "ClipPolicy",
     "SpatialParams",
     "DataWarning",
