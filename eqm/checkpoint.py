@@ -18,8 +18,9 @@ nested structure of tensors) needs torch's format, and it is loaded with ``weigh
 so every RNG state is stored as tensors and plain Python types (no numpy arrays, no tuples of
 objects).
 
-Writes are atomic: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXXX-<pid>`` and
-renamed into place when complete, so a crash leaves either the whole checkpoint or nothing
+Writes are atomic and durable: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXXX-<pid>``,
+every file is fsynced, and the folder is renamed into place (then its parent fsynced, see
+:func:`eqm.fsio.publish_dir`), so a crash or power cut leaves either the whole checkpoint or nothing
 (hidden ``.tmp-*`` leftovers are ignored by the readers and removed by :func:`clean_stale`).
 Pruning (``keep_last``) renames a checkpoint to a hidden name before deleting it, for the same
 reason.  Only directories holding a ``state.json`` count as checkpoints.
@@ -33,8 +34,9 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
+from . import fsio
 from .errors import EqmError, NonFiniteError
 from .jsonio import dumps
 
@@ -208,13 +210,6 @@ def _tensors(module_or_dict) -> dict:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        f.write(dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(
     run_dir: PathLike,
     step: int,
@@ -235,7 +230,7 @@ def save_checkpoint(
     saved to optim.pt.  An existing checkpoint of the same step is replaced atomically.
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -246,14 +241,12 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         meta = {"format": "pt", "step": str(int(step))}
-        save_file(_tensors(model), str(tmp / MODEL_FILE), metadata=meta)
+        # bytes written with a plain open(): safetensors' save_file creates its files 0600
+        (tmp / MODEL_FILE).write_bytes(save(_tensors(model), metadata=meta))
         if ema is not None:
-            save_file(_tensors(ema), str(tmp / EMA_FILE), metadata=meta)
+            (tmp / EMA_FILE).write_bytes(save(_tensors(ema), metadata=meta))
         if optimizer_state is not None:
-            with open(tmp / OPTIM_FILE, "wb") as f:
-                torch.save(optimizer_state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            torch.save(optimizer_state, tmp / OPTIM_FILE)
         state = {
             "format": FORMAT,
             "step": int(step),
@@ -264,14 +257,8 @@ def save_checkpoint(
         }
         if extra:
             state.update(extra)
-        _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete checkpoint
-        if final.exists():
-            trash = root / f".trash-{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        (tmp / STATE_FILE).write_text(dumps(state, indent=2) + "\n")  # last: it marks a complete checkpoint
+        fsio.publish_dir(tmp, final)  # every file fsynced before the rename, the folder after it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

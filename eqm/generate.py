@@ -12,8 +12,6 @@ the same clip whatever the batch size, and a run of 8 samples starts with the 4 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,8 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import fsio
 from .errors import EqmError, NonFiniteError
-from .jsonio import dumps
 from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
 
 FORMATS = ("mp4", "mkv", "gif")
@@ -458,17 +456,6 @@ def write_generation(
         ],
         "grid": None if grid_path is None else grid_path.name,
     }
-    _write_json_atomic(manifest, doc)
+    fsio.write_json(manifest, doc)
     return WriteSummary(out_dir=out_dir, fps=gen.fps, samples=written, grid=grid_path, manifest=manifest, warnings=warnings)
 
-
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -40,7 +40,6 @@ imports :mod:`eqm` keeps its inline backend), and figures are not kept alive by 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 
 from . import embed as E
+from . import fsio
 from .errors import EqmError
 from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
 
@@ -471,14 +471,9 @@ def inspect_embedding(
 
 
 def _save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """Render to a temporary file in the same folder, then rename: never a half-written PNG."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Render through eqm.fsio.atomic_path: never a half-written PNG."""
+    with fsio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _edges(x: np.ndarray) -> np.ndarray:

@@ -17,11 +17,11 @@ directory.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import checkpoint as ckpt_io
+from . import fsio
 from .jsonio import dumps
 
 PathLike = Union[str, Path]
@@ -62,7 +62,7 @@ class RunDir:
         recipe, and on resume rewind metrics.jsonl to ``resume_step``."""
         self.path.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_stale(self.path)
-        _atomic_write_text(self.path / RECIPE_FILE, recipe_yaml)
+        fsio.write_text(self.path / RECIPE_FILE, recipe_yaml)
         if resume_step is not None:
             self._truncate_metrics(resume_step)
 
@@ -78,7 +78,7 @@ class RunDir:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue
-        _atomic_write_text(path, "".join(line + "\n" for line in keep))
+        fsio.write_text(path, "".join(line + "\n" for line in keep))
 
     # ---- while running ----------------------------------------------------------------------
 
@@ -97,10 +97,4 @@ class RunDir:
         return self.path / PREVIEW_DIR / f"step_{int(step):07d}.mp4"
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write_text(self.path / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        fsio.write_json(self.path / SUMMARY_FILE, summary)

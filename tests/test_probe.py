@@ -345,6 +345,15 @@ def test_manifest_write_is_atomic(media, tmp_path, monkeypatch):
         write_manifest(results, tmp_path / "no" / "m.jsonl")
 
 
+def test_manifest_gets_the_permissions_of_a_plain_write(media, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = write_manifest(probe_paths([media / "good" / "alpha"]), tmp_path / "m.jsonl")
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
 def _good_line(**changes):
     d = ProbeResult(path="a.mp4", fps="30", frames=3, duration=0.1, pts=[0.0, 0.033, 0.067], keyframes=[0.0]).to_dict()
     d.update(changes)

@@ -26,17 +26,14 @@ Choices (each one keeps the ground truth clean for `eqm.data.speed.estimate_velo
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from eqm import fsio
 from eqm.errors import EqmError
 
 #: Default speed in frame sizes per second (of the shorter side): 0.5 -> 16 px/s at 32 px, so a
@@ -328,7 +325,7 @@ class SyntheticMotion:
                 for k in range(self.num_classes)
             ],
         }
-        _atomic_write_text(out / "motion.json", json.dumps(info, indent=2) + "\n")
+        fsio.write_json(out / "motion.json", info)
         return paths
 
     def __repr__(self) -> str:
@@ -342,18 +339,6 @@ def _to_numpy(x):
         return x.detach().to("cpu").double().numpy()
     return x
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["SyntheticMotion", "DEFAULT_SPEED_FRACTION", "DEFAULT_RADIUS_FRACTION"]

@@ -38,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from eqm import fsio
 from eqm.errors import EqmError
 from eqm.timebase import parse_fps
 
@@ -87,12 +86,6 @@ _ANIMATED_PIPES = {"gif_pipe", "apng_pipe", "webp_pipe"}
 
 # Codecs that store chroma at half resolution need even frame sizes.
 _SUBSAMPLED_PIX_FMTS = {"yuv420p", "yuvj420p", "nv12", "nv21", "yuv420p10le"}
-
-# Temporary files are created by mkstemp (mode 0600); the final file should get the ordinary
-# permissions a plain open() would give, so remember the process umask once. Reading it means
-# setting it, which is why this happens at import time and not in every write.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 # =============================================================================================
@@ -481,8 +474,7 @@ def read_video(path, max_frames: Optional[int] = None) -> VideoData:
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path` (same suffix); rename it over `path` on success,
-    delete it on any error (including KeyboardInterrupt)."""
+    """eqm.fsio.atomic_path, with one-line errors naming `path` for an unusable destination."""
     folder = path.absolute().parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -491,19 +483,10 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     if path.is_dir():
         raise EqmError(f"cannot write {path}: it is a folder")
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=folder)
+        with fsio.atomic_path(path) as tmp:
+            yield tmp
     except OSError as e:
         raise EqmError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _exact_rate(fps, path: Path, warnings: list[str]) -> Fraction:

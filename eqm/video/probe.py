@@ -25,13 +25,13 @@ import json
 import math
 import os
 import stat
-import tempfile
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from eqm import fsio
 from eqm.errors import EqmError
 from eqm.timebase import MAX_FPS, format_fps, is_variable_rate, mean_rate
 
@@ -727,21 +727,10 @@ def write_manifest(results: Iterable[ProbeResult], path: str | os.PathLike, *, f
         except ValueError:
             d["path"] = str(ap)
         lines.append(json.dumps(d, separators=(",", ":"), allow_nan=False))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + ("\n" if lines else ""))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        return fsio.write_text(out, "\n".join(lines) + ("\n" if lines else ""))
     except OSError as e:
         raise EqmError(f"cannot write manifest {out}: {_err_text(e)}") from None
-    finally:
-        if tmp is not None and os.path.lexists(tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return out
 
 
 _NUM = (int, float)
