@@ -22,7 +22,6 @@ cache directory made with other settings is refused. Why mean and log-variance: 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from . import fsio
 from .errors import EqmError
 from .recipe import Recipe
 from .vae import Vae, VaeIdentity, load_vae, num_decoded_frames
@@ -45,20 +45,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def shard_name(s: int) -> str:
     return f"shard_{s:05d}"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def vae_dtype(recipe: Recipe) -> torch.dtype:
@@ -185,8 +171,8 @@ def _write_shard(out: Path, s: int, tensors: dict, entries: list, broken: list, 
     if tensors:
         # one metadata key: safetensors orders several in a hash map, and equal shards should be equal bytes
         meta = {"eqm_latents": json.dumps({"format": FORMAT, "vae": vae.identity.to_dict()}, sort_keys=True)}
-        _atomic_write_bytes(out / f"{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}, meta))
-    _write_json(out / f"{name}.json", {
+        fsio.write_bytes(out / f"{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}, meta))
+    fsio.write_json(out / f"{name}.json", {
         "shard": s, "rank": rank, "file": f"{name}.safetensors" if tensors else None,
         "clips": entries, "broken": broken, "stats": _posterior_stats(tensors),
     })
@@ -208,7 +194,7 @@ def _prepare_out(out: Path, settings: dict, header: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise EqmError(f"--out {out} exists and is not a latent cache; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"format": FORMAT, "complete": False, "settings": settings, **header})
+    fsio.write_json(path, {"format": FORMAT, "complete": False, "settings": settings, **header})
 
 
 def _clean_temps(out: Path) -> None:
@@ -328,14 +314,14 @@ def _finish(out: Path, num_shards: int) -> tuple[int, int, int]:
         for k in stats:
             stats[k] += part["stats"][k]
     entries.sort(key=lambda e: e["clip"])
-    _atomic_write_bytes(out / INDEX_FILE, "".join(json.dumps(e) + "\n" for e in entries).encode())
+    fsio.write_bytes(out / INDEX_FILE, "".join(json.dumps(e) + "\n" for e in entries).encode())
     desc = json.loads((out / CACHE_FILE).read_text())
     n = max(stats["n"], 1)
     spread = max(stats["mean_sq_sum"] / n - (stats["mean_sum"] / n) ** 2, 0.0) ** 0.5
     desc.update(complete=True, num_clips=len(entries), unreadable_clips=broken,
                 broken_files=sorted({b["source"] for b in broken}),
                 posterior={"mean_std": stats["std_sum"] / n, "latent_std": spread})
-    _write_json(out / CACHE_FILE, desc)
+    fsio.write_json(out / CACHE_FILE, desc)
     return len(entries), len(broken), len({b["source"] for b in broken})
 
 
