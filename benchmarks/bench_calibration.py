@@ -1,5 +1,5 @@
-"""Motion-speed calibration (SPEC section 7): does generated motion play at the right speed at
-every requested frame rate?
+"""Motion-speed calibration: does generated motion play at the right speed at every requested
+frame rate?  (docs/reference.md#measuring-the-claim; results in docs/calibration.md)
 
 Three models with the same size, data, steps and seed are trained on the synthetic moving-disc
 source at mixed rates (the recipe's fps range, 8-30 fps for tiny-synthetic):

@@ -15,7 +15,7 @@ over the same files and with the same number of workers W:
 ffprobe here does less work than probe_paths: it reads the header only, not every packet's
 timestamp. Runs on the CPU, in well under a minute for the defaults; `--files 100 --seconds 300`
 (files of 7500-18000 packets, a few minutes) repeats the thread/process comparison of
-probe_paths' docstring on longer files.
+docs/probe.md on longer files.
 
     python benchmarks/bench_probe.py [--files N] [--seconds S] [--workers W] [--repeat R] [--keep DIR]
 

@@ -1,4 +1,6 @@
-"""Checkpoints on disk: safetensors weights, JSON state, and a weights_only torch file.  SPEC section 6.
+"""Checkpoints on disk: safetensors weights, JSON state, and a weights_only torch file.
+
+The format and its rules: docs/reference.md#checkpoint-format.
 
 Layout of a run directory::
 

@@ -1,86 +1,12 @@
-"""Time-aware positional encodings from per-token coordinates (tau, row, col).  SPEC section 3.
+"""Time-aware positional encodings from per-token coordinates (tau, row, col).
 
-Every token of a clip gets a coordinate triple (tau, row, col):
-
-* ``row``, ``col``: the token's patch-grid position (integers, as in DiT).
-* ``tau``: the token's temporal coordinate, set by the time mode
-    - ``seconds`` (the product): tau = (t - t_0) * ref_fps, t the frame's real timestamp in seconds;
-    - ``index`` (the time-blind baseline): tau = frame index k;
-    - ``fps-embed`` (ablation): tau = frame index k, plus a learned embedding of the clip's own
-      frame rate added to the conditioning vector (see :func:`clip_fps`, model.FpsEmbedder).
-  A token covering several frames (temporal patch > 1) takes the mean tau of its frames.
-
-Two encodings consume the coordinates; both work on (B, N, 3) tensors, so every sample of a
-batch keeps its own timestamps (a batch may mix 8 and 60 fps clips) and nothing loops over
-samples or heads.
-
-sincos (added to the tokens)
-    Channel layout, D = hidden size, n = D/4 frequencies per spatial axis:
-
-    ==========================  =======================================================
-    channels [0, D/2)            col:  [sin(w_i col) | cos(w_i col)],  w_i = 10000^(-i/n)
-    channels [D/2, D)            row:  [sin(w_i row) | cos(w_i row)]
-    d_t = time_frac * D          tau:  [sin(v_j tau) | cos(v_j tau) - 1], v_j = 10000^(-2j/d_t),
-    (default 1/4, at most 1/2)   the sin half added onto channels [D/2 - d_t/2, D/2), the
-                                 cos-1 half onto [D - d_t/2, D), fastest frequency first
-                                 (``time_order`` "aligned"; "paired" reverses it, below)
-    ==========================  =======================================================
-
-    The spatial part is exactly DiT/MAE ``get_2d_sincos_pos_embed`` (DiT builds its grid with
-    ``np.meshgrid(grid_w, grid_h)`` -- "here w goes first" -- so the FIRST half of the channels
-    encodes the column and the second half the row).  The temporal part is superposed rather than
-    given channels of its own, and is written as ``cos - 1`` so that it vanishes at tau = 0: a
-    single frame (T = 1) therefore encodes bit-for-bit like the official image model, and an
-    image checkpoint keeps its meaning inside a video model.  It sits on the cos-halves of the
-    spatial code, temporal frequency j of m = d_t/2 on spatial frequency n-m+j (``time_order``
-    "aligned", the default).  While d_t <= D/4 those are the flat lower half of the spatial
-    frequencies (<= 0.01 rad/patch: over a 16-patch grid they move by < 0.012, against a temporal
-    amplitude of up to 2), so the two signals barely interfere.  At time_frac 1/2 (the tiny
-    recipe) they are all of them: v_0 = w_0 = 1, sin(tau) is added onto cos(col) and cos(tau) - 1
-    onto cos(row).  ``time_order`` "paired" reverses the temporal frequencies (j on spatial
-    frequency n-1-j), so wherever one code varies the other is almost flat (test_embed measures
-    the overlap: 2.0 aligned, 0.11 paired at 1/2).  Measured in the motion-speed calibration
-    (docs/calibration.md), the paired layout generated motion far too slow at 48-60 fps, rates
-    above the training range, so "aligned" stays the default; "paired" is there to repeat it.
-
-rope (rotary, applied to q and k inside attention)
-    Each head's channels are split into three even-sized groups [t | row | col]: d_t = the even
-    number nearest ``time_frac * head_dim`` (at least 2), the rest split as evenly as the
-    even-size rule allows, row first (head_dim 72 -> 18 | 28 | 26, 64 -> 16 | 24 | 24,
-    16 -> 4 | 6 | 6).  Within a group of d channels, channel pairs (2i, 2i+1) rotate by angle
-    coordinate * base^(-2i/d).  At tau = 0 the time group is not rotated, so T = 1 is plain
-    axial 2D RoPE.  The split is checked at construction (:func:`rope_split`): an odd head
-    dimension or an impossible split raises instead of being rounded away.
-
-Choice of ``ref_fps`` (r), measured with :func:`adjacent_frame_similarity`: the cosine
-similarity between the temporal sin/cos codes of two adjacent frames (1 = indistinguishable),
-which depends only on the step r / fps.  d_t = 96 time channels (sincos at S/B width; in
-brackets d_t = 16: sincos at "tiny" width and the RoPE time group of a 64-dim head):
-
-    ======  ===================  ===================  ===================
-    fps     r = 1                r = 24 (default)     r = 30
-    ======  ===================  ===================  ===================
-    6       0.999093 (0.9981)    0.755293 (0.6950)    0.736118 (0.7671)
-    8       0.999490 (0.9989)    0.810162 (0.6929)    0.765461 (0.6847)
-    12      0.999773 (0.9995)    0.892637 (0.7960)    0.849618 (0.7335)
-    24      0.999943 (0.9999)    0.968894 (0.9356)    0.952729 (0.9037)
-    30      0.999964 (0.9999)    0.979735 (0.9577)    0.968894 (0.9356)
-    60      0.999991 (1.0000)    0.994812 (0.9890)    0.991930 (0.9830)
-    120     0.999998 (1.0000)    0.998695 (0.9972)    0.997964 (0.9957)
-    240     0.999999 (1.0000)    0.999673 (0.9993)    0.999490 (0.9989)
-    ======  ===================  ===================  ===================
-
-r = 1 (raw seconds) is nearly degenerate: adjacent 30 fps frames differ by 1 - s = 3.6e-5.  With
-r = 24 even 240 fps frames differ 9x more than that (3.3e-4), and 120 fps frames 36x more.
-Larger r separates fast rates better but aliases at slow ones: within a 16-frame clip some
-*non-adjacent* pair becomes more similar than adjacent frames once the fastest channel turns by
-about a full period every two frames.  At d_t = 96 this never happens for r = 12, 24 or 30 at
-6-240 fps.  At d_t = 16 it happens for r = 24 at 8-12 fps (similarity excess up to 0.11) and for
-r = 30 at 8-15 fps (up to 0.12); r = 12 only at 6 fps, but r = 12 halves the separation at
-240 fps (1 - s = 8.2e-5 at d_t = 96, barely 2x r = 1 at 30 fps).  r = 24
-(:data:`DEFAULT_REF_FPS`) is the compromise: 9x better than r = 1 at the fastest rate we sample,
-less aliasing than r = 30 at narrow widths, and a 24 fps clip encodes exactly like the
-frame-index code.  r = 1 stays available (``ref_fps`` / recipe ``model.time.ref_fps``).
+Every token gets (tau, row, col): its patch-grid row and column, and tau, its time -- the real
+timestamp times ``ref_fps`` (mode ``seconds``) or the frame index (``index``, and ``fps-embed``,
+which adds a learned embedding of the clip's rate elsewhere).  ``sincos`` adds a fixed code to the
+tokens, ``rope`` rotates q and k; both take (B, N, 3) coordinates, so each sample of a mixed-rate
+batch keeps its own timestamps, and both reduce to the image model's 2D code for a single frame.
+Channel layouts, the choice of ``ref_fps`` and their measurements: docs/embedding.md; the rules:
+docs/reference.md#time-aware-encoding.
 """
 
 from __future__ import annotations
@@ -93,7 +19,7 @@ import torch
 
 from .errors import EqmError
 
-#: Reference rate r: tau = t_seconds * r (see the module docstring for the measurement).
+#: Reference rate r: tau = t_seconds * r (measured choice: docs/embedding.md#choosing-ref_fps).
 DEFAULT_REF_FPS = 24.0
 #: Default share of channels used by the temporal coordinate (sincos: of D; rope: of head_dim).
 DEFAULT_TIME_FRAC = 0.25
@@ -102,7 +28,7 @@ BASE = 10000.0
 
 TIME_MODES = ("seconds", "index", "fps-embed")
 POS_KINDS = ("sincos", "rope")
-#: Where the sincos temporal frequencies sit on the spatial code's channels (module docstring).
+#: Where the sincos temporal frequencies sit on the spatial code's channels (docs/embedding.md#sincos).
 TIME_ORDERS = ("paired", "aligned")
 DEFAULT_TIME_ORDER = "aligned"
 #: The layout of checkpoints whose arch predates ``time_order`` (the only one there was).

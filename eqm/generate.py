@@ -1,9 +1,10 @@
 """Generation at a chosen frame rate, and writing the result so it plays at that rate.
 
-The frame timestamps of a generated clip are ``k / fps`` seconds (SPEC section 6): the requested
-rate changes the positional encoding of a seconds-mode model, so the same noise gives a clip whose
-motion per *second* is the one learned, sampled ``fps`` times a second.  An index-mode model
-cannot see the rate (its positions are 0, 1, 2, ...), which is the failure this project fixes.
+The frame timestamps of a generated clip are ``k / fps`` seconds (docs/reference.md#timestamps):
+the requested rate changes the positional encoding of a seconds-mode model, so the same noise gives
+a clip whose motion per *second* is the one learned, sampled ``fps`` times a second. An index-mode
+model cannot see the rate (its positions are 0, 1, 2, ...), which is the failure this project
+fixes.
 
 Noise is drawn per sample from its own generator seeded by ``(seed, sample index)``: sample i is
 the same clip whatever the batch size, and a run of 8 samples starts with the 4 of a run of 4.

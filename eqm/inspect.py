@@ -1,9 +1,9 @@
 """Look inside the time-aware positional encoding: numbers and plots (``eqmctl inspect-embed``).
 
-SPEC section 3 makes a claim about the temporal code -- with tau = t * ref_fps, frames are placed
-by their time in seconds, neighbouring frames stay separable at every rate we sample, and the
-code is the frame-index code at ref_fps -- and this module measures it for a concrete
-configuration (from a checkpoint's ``arch``, a recipe, or plain options):
+docs/reference.md#time-aware-encoding makes a claim about the temporal code -- with tau = t *
+ref_fps, frames are placed by their time in seconds, neighbouring frames stay separable at every
+rate we sample, and the code is the frame-index code at ref_fps -- and this module measures it for
+a concrete configuration (from a checkpoint's ``arch``, a recipe, or plain options):
 
 * **heatmap**: the temporal code of a clip (channels x frames) at several frame rates, drawn
   against time in seconds, so a seconds-mode code lines up across rates and an index-mode code
@@ -55,8 +55,8 @@ from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timest
 
 PathLike = Union[str, Path]
 
-#: Hidden width and heads used when nothing else is given: EqM-S (SPEC section 4), whose sincos
-#: code has d_t = 96 time channels, the width the ref_fps measurement in eqm.embed is quoted at.
+#: Hidden width and heads used when nothing else is given: EqM-S (docs/reference.md#model), whose
+#: sincos code has d_t = 96 time channels, the width docs/embedding.md#choosing-ref_fps quotes.
 DEFAULT_HIDDEN_SIZE = 384
 DEFAULT_NUM_HEADS = 6
 #: A heatmap row per rate: more rows are unreadable.
@@ -243,7 +243,8 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def token_times(timestamps: torch.Tensor, temporal_patch: int) -> np.ndarray:
-    """Seconds of each temporal token: the mean time of its frames (like its tau, SPEC section 3)."""
+    """Seconds of each temporal token: the mean time of its frames, like its tau
+    (docs/reference.md#temporal-patches)."""
     t = timestamps.double().reshape(-1, temporal_patch).mean(-1)
     return t.numpy()
 

@@ -1,4 +1,4 @@
-"""The EqM transformer: a DiT/SiT-style model for clips with real timestamps.  SPEC section 4.
+"""The EqM transformer: a DiT/SiT-style model for clips with real timestamps (docs/reference.md#model).
 
 Read top to bottom: embedders, attention with optional 3D RoPE, the adaLN-Zero block, the final
 layer, the model, and the size registry.

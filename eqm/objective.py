@@ -1,4 +1,4 @@
-"""The Equilibrium Matching objective.  SPEC section 2.
+"""The Equilibrium Matching objective (docs/reference.md#eqm-objective).
 
 x1 data, x0 ~ N(0, I), gamma ~ U[0, 1] per sample:
 

@@ -57,7 +57,7 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None):
 
 @dataclass
 class TimeConfig:
-    """How the model turns frame timestamps into temporal positions (SPEC section 3)."""
+    """How the model turns frame timestamps into temporal positions (docs/reference.md#time-modes)."""
 
     mode: Literal["seconds", "index", "fps-embed"] = _f(
         "seconds",
@@ -113,7 +113,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The EqM objective (SPEC section 2): target (x1 - x0) * lam * min(1, (1 - gamma) / (1 - a))."""
+    """The EqM objective: target (x1 - x0) * lam * min(1, (1 - gamma) / (1 - a)); docs/reference.md#eqm-objective."""
 
     a: float = _f(0.8, "gamma after which the target magnitude decays linearly to 0 (paper: 0.8); in [0, 1)")
     lam: float = _f(4.0, "target gradient scale lambda (paper: 4.0); > 0")

@@ -16,8 +16,8 @@ Three modes (``eqmctl retime``, issue 7):
     replaced by 1 / fps_out per frame; a notice says so).
 
 ``model``  The time-aware model generates new frames at the new timestamps with the original
-    frames clamped (EqM conditional sampling, SPEC section 2): 15 fps becomes 60 fps with three
-    synthesized frames between every pair of originals.  Design choices:
+    frames clamped (EqM conditional sampling, docs/reference.md#clamped-frames): 15 fps becomes
+    60 fps with three synthesized frames between every pair of originals.  Design choices:
 
     * Output slots are k / fps_out; original frame i goes to slot round(pts_i * fps_out).  For a
       constant-rate input every original must land exactly on a slot (within 1 % of a slot), so

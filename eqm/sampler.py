@@ -1,4 +1,4 @@
-"""Sampling by optimisation on the learned equilibrium landscape.  SPEC section 2.
+"""Sampling by optimisation on the learned equilibrium landscape (docs/reference.md#sampling).
 
 Start at x ~ N(0, I) and follow f (which points towards data):
 
@@ -10,39 +10,16 @@ below tol stops moving; only the samples still moving are sent through the model
 counted per sample, and the loop ends once every sample has stopped.
 
 Classifier-free guidance: f = f_u + s * (f_c - f_u) on ALL channels, the conditional and null-label
-passes batched together.  (The official image code guides only the first 3 latent channels, a
-reproduction quirk we do not copy.)
+passes batched together (the official image code guides only the first 3 latent channels; we do
+not copy that).
 
 Conditional generation: frames flagged in ``known_mask`` are set to ``known`` at the start and
 reset to it after every step; their gradient is zeroed so they do not feed NAG momentum and do
 not count towards the RMS.
 
 Positional encodings are built once per run (``model.positions``) and passed to every call.
-
-Step sizes.  The paper's settings (PAPER_SETTINGS: 250 steps, eta = 0.003 GD, 0.0017 / mu = 0.3
-NAG) are tuned for large latent models.  For small pixel-space models we measured on a toy: the
-tiny model of tests/test_sampler.py (hidden 64, depth 2, patch 4) trained 3000 steps (AdamW 2e-3,
-batch 32) on four fixed 3x4x8x8 clips in [-0.8, 0.8]; 64 samples from the same noise; mean RMS
-distance of a sample to the nearest data clip (noise: 1.086, fully converged: 0.031):
-
-    GD   eta=0.003 (paper):  40 steps 0.620   100 steps 0.059   250 steps 0.031
-    GD   eta=0.02:           10 0.312   20 0.042   30 0.035   40 0.031
-    GD   eta=0.03:           10 0.068   15 0.041   20 0.034   25 0.031   (40 0.031)
-    GD   eta=0.05:           10 0.039   15 0.032
-    GD   eta=0.08:           0.036 at any length, some samples oscillate (final RMS 0.33)
-    NAG  eta=0.02, mu=0.3:   10 0.307   15 0.061   20 0.031   (30 0.031)
-    NAG  eta=0.03, mu=0.3:   10 0.074   20 0.036   25 0.031
-    NAG  eta=0.08, mu=0.3:   does not settle (distance 0.13, final RMS 3.2)
-    adaptive tol=0.01, cap 200: GD eta=0.03 17.5 evaluations on average (max 29), NAG eta=0.02
-    28.1 (max 32), both at distance 0.031; tol=0.1: 14.4 / 21.9.
-
-Why these numbers: near the data f ~ lam / (1 - a) * (x1 - x) = 20 (x1 - x), so one GD step
-contracts the error by (1 - 20 eta): stable below eta = 0.1, fastest at 0.05.  The defaults sit
-at 0.03 (GD, 40 steps) and 0.02 with mu = 0.3 (NAG, 30 steps): converged on the toy with ~1.5x
-the steps it needed and a 3x margin to the stability limit, because a less-trained model is
-stiffer in places (a 300-step model drifts away from the data when iterated much longer than
-needed).  ``tol=0.01`` is the recommended adaptive tolerance (it is in the settings dict;
-``sample`` itself only stops early when a tol is passed).
+Step sizes: the paper's (PAPER_SETTINGS, for large latent models) and ours for small pixel-space
+models (SMALL_MODEL_SETTINGS, the default); how ours were measured: docs/sampler.md.
 """
 
 from __future__ import annotations
@@ -63,7 +40,7 @@ PAPER_SETTINGS = {
     "nag": dict(steps=250, step_size=0.0017, momentum=0.3, tol=None),
 }
 
-#: Measured small pixel-model defaults (see module docstring and default_sampler_settings).
+#: Measured small pixel-model defaults (docs/sampler.md).
 SMALL_MODEL_SETTINGS = {
     "gd": dict(steps=40, step_size=0.03, momentum=0.0, tol=0.01),
     "nag": dict(steps=30, step_size=0.02, momentum=0.3, tol=0.01),

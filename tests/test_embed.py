@@ -179,7 +179,7 @@ def test_rope_is_relative_in_time():
 
 
 @pytest.mark.parametrize("order", E.TIME_ORDERS)
-def test_sincos_time_part_is_where_the_docstring_says(order):
+def test_sincos_time_part_is_where_the_docs_say(order):
     dim, frac = 64, 0.25
     d_t = E.sincos_time_channels(dim, frac)
     assert d_t == 16
@@ -273,7 +273,7 @@ def test_positions_select_and_cat():
 
 
 def test_ref_fps_measurement_supports_the_documented_choice():
-    """The docstring's numbers: r = 1 is nearly degenerate, r = 24 separates up to 240 fps."""
+    """docs/embedding.md#choosing-ref_fps: r = 1 is nearly degenerate, r = 24 separates up to 240 fps."""
     assert E.DEFAULT_REF_FPS == 24.0
     assert E.adjacent_frame_similarity(30, 1, 96) > 0.99996
     assert E.adjacent_frame_similarity(240, 24, 96) < 0.99968

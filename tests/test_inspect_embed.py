@@ -34,7 +34,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-synthetic.yaml"
 
 
 def omegas(d_t):
-    """w_j = 10000^(-2j/d_t), j < d_t/2: the sin/cos frequencies of SPEC section 3."""
+    """w_j = 10000^(-2j/d_t), j < d_t/2: the sin/cos frequencies of docs/embedding.md#choosing-ref_fps."""
     return 10000.0 ** (-2.0 * np.arange(d_t // 2) / d_t)
 
 

@@ -1,6 +1,6 @@
 """Training clips with real timestamps: the clip policy and the synthetic / folder / manifest datasets.
 
-SPEC section 5. Every item is a dict
+The rules: docs/reference.md#data. Every item is a dict
 
     {"video": float32 (C, T, H, W) in [-1, 1], "timestamps": float32 (T,) seconds with t[0] = 0,
      "label": int64 scalar, "fps": float (the effective rate the clip was sampled at)}

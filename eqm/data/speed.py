@@ -1,4 +1,6 @@
-"""Measuring motion speed in a clip (SPEC section 7): centroid track + least squares vs time.
+"""Measuring motion speed in a clip: centroid track + least squares vs time.
+
+How the central claim is measured with it: docs/reference.md#speed-on-synthetic-data.
 
 `estimate_velocity(video, timestamps)` finds the bright shape in every frame by its intensity-
 weighted centroid and fits position = p0 + v * t by least squares against the frames' real
@@ -144,7 +146,7 @@ def signed_speed_error(est: Vec, true: Vec) -> float:
 
 
 def relative_speed_error(est: Vec, true: Vec) -> float:
-    """| |est| - |true| | / |true| (SPEC section 7): the error of the speed MAGNITUDE only.
+    """| |est| - |true| | / |true|: the error of the speed MAGNITUDE only (the calibration's measure).
 
     Direction is not part of it (a time-blind model gets the direction right and the speed wrong;
     that is what this number isolates); see `velocity_error` for the full vector error. NaN when

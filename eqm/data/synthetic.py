@@ -1,7 +1,8 @@
 """Synthetic moving shapes: the zero-download data source and the ground truth for motion speed.
 
-SPEC section 5 / 7: each class is a motion with a known velocity in pixels per SECOND, so a clip
-can be rendered at any frame rate and a generated clip can be checked against the true speed.
+Each class is a motion with a known velocity in pixels per SECOND, so a clip can be rendered at
+any frame rate and a generated clip can be checked against the true speed
+(docs/reference.md#synthetic-source, docs/reference.md#speed-on-synthetic-data).
 
 Choices (each one keeps the ground truth clean for `eqm.data.speed.estimate_velocity`):
 

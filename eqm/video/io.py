@@ -1,6 +1,6 @@
 """Reading clips by seeking, and writing videos that play at exactly the requested rate.
 
-Reading (SPEC section 5): `read_clip` opens a file with PyAV, seeks to the keyframe at or before
+Reading (docs/reference.md#clips): `read_clip` opens a file with PyAV, seeks to the keyframe at or before
 the first wanted time and decodes forward only until the last wanted time has been passed, so the
 cost of a 16-frame clip depends on the keyframe interval, not on the length of the file. Each
 requested time gets the decoded frame whose presentation time is nearest, and the clip carries
@@ -8,7 +8,7 @@ those real presentation times (not the requested ones): the timestamps a model t
 times the frames were actually shown. `read_video` decodes a whole file (for retiming user
 videos, never for training clips).
 
-Writing (SPEC section 6): `write_video` picks the format from the suffix.
+Writing (docs/reference.md#outputs): `write_video` picks the format from the suffix.
 
 - ``.mp4`` / ``.mkv``: H.264 (libx264) through PyAV. The encoder and stream time base is 1/fps
   with fps an exact fraction (30000/1001 -> time base 1001/30000, frame k has pts k), and the

@@ -1,9 +1,9 @@
 """Frame-rate probing of video files from container metadata and demuxed packet timestamps.
 
-SPEC section 5: frame rates come from container metadata read without decoding. `probe_file`
-opens a file with PyAV, reads the stream header (average / base / guessed rate, time base, frame
-count) and then demuxes the video packets -- reads their timestamps, never decodes a frame -- to
-get the real presentation times. The packet timestamps are the ground truth: a PyAV-written
+Frame rates come from container metadata read without decoding (docs/reference.md#probing).
+`probe_file` opens a file with PyAV, reads the stream header (average / base / guessed rate, time
+base, frame count) and then demuxes the video packets -- reads their timestamps, never decodes a
+frame -- to get the real presentation times. The packet timestamps are the ground truth: a PyAV-written
 variable-frame-rate mkv declares 30 fps while its frames really arrive at ~13 fps, and only the
 packets tell. (libavformat's own `avformat_find_stream_info`, which `av.open` always runs, may
 decode a frame or two internally to fill in codec parameters; that is bounded and independent of
@@ -539,20 +539,8 @@ def probe_paths(
 
     executor: "process" (a process pool), "thread" (a thread pool) or "auto" (the default: a
     process pool when there are at least 8 files per worker, else serial; `workers` is then an
-    upper bound). PyAV releases the GIL while libavformat demuxes, so threads looked promising;
-    measured on a 2-core machine with the files in the page cache (benchmarks/bench_probe.py;
-    `--files 100 --seconds 300` gives files of ~9000 packets), processes win:
-
-    - threads do not help, they hurt: 100 files x 9000 packets take 2.4 s with one thread, 3.0 s
-      with 2 threads and 4.4 s with 4 (40 x 900 packets: 0.11, 0.13, 0.24 s). The GIL is released
-      only inside each av_read_frame call, which is short: a demuxed packet costs ~1.8 us and most
-      of that is creating the Python Packet with the GIL held. So the threads queue on the GIL and
-      pay for every hand-over (the convoy effect) instead of running in parallel.
-    - processes scale with cores: 100 x 9000 packets take 1.3 s with 2 processes against 2.4 s
-      serially. Workers are forked where that is safe (see `_mp_context`), so a pool starts in
-      milliseconds; chunks of files per task amortise the round trip and the pickling of the
-      results. For fewer than 8 files per worker that overhead is not worth it and "auto" probes
-      serially (200 one-second files: ~0.06 s serial, ~0.05-0.08 s with 2 processes).
+    upper bound). Threads do not speed demuxing up (the GIL is held for most of each packet);
+    the measurement is in docs/probe.md.
     """
     files = collect_videos(paths, extensions=extensions)
     if executor not in ("auto", "process", "thread"):
