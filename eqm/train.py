@@ -135,10 +135,18 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def build_dataset(recipe: Recipe, seed: Optional[int] = None, warn: Optional[Callable[[str], None]] = None):
-    """The training dataset of a recipe (eqm.data.clips.build_dataset); ``warn`` gets the data
+    """The training dataset of a recipe (eqm.data.clips.build_dataset, or a latent cache for
+    data.source latents, whose clip settings then replace the recipe's); ``warn`` gets the data
     warnings (skipped files) as one line each."""
     from .data.clips import dataset_from_config
 
+    if recipe.data.source == "latents":
+        from .cache import LatentDataset
+        from .latent import adopt_cache_clip_shape
+
+        dataset = LatentDataset(recipe.data.latents)
+        adopt_cache_clip_shape(recipe, dataset)
+        return dataset
     return dataset_from_config(recipe.data, recipe.train.seed if seed is None else seed, warn)
 
 
@@ -153,11 +161,13 @@ def resolve_num_classes(recipe: Recipe, dataset) -> int:
     return n
 
 
-def model_kwargs(recipe: Recipe, num_classes: int) -> dict:
-    """EqMTransformer kwargs from a recipe (frame size and count come from `data`)."""
+def model_kwargs(recipe: Recipe, num_classes: int, shape: Optional[tuple] = None) -> dict:
+    """EqMTransformer kwargs from a recipe; shape (C, T, H, W) of the model's input (default: the
+    pixels of `data`; in latent space eqm.latent.model_input_shape)."""
     m, d = recipe.model, recipe.data
+    C, T, H, W = shape or (3, d.num_frames, d.height, d.width)
     kw: dict[str, Any] = dict(
-        input_size=(d.height, d.width), in_channels=3, num_frames=d.num_frames,
+        input_size=(H, W), in_channels=C, num_frames=T,
         patch_size=m.patch_size, temporal_patch=m.temporal_patch, mlp_ratio=m.mlp_ratio,
         class_dropout_prob=m.class_dropout_prob, num_classes=num_classes, learn_sigma=m.learn_sigma,
         pos=m.pos, time_mode=m.time.mode, energy=recipe.objective.energy,
@@ -173,14 +183,16 @@ def model_kwargs(recipe: Recipe, num_classes: int) -> dict:
     return kw
 
 
-def build_model(recipe: Recipe, num_classes: int, *, time_order: Optional[str] = None):
+def build_model(recipe: Recipe, num_classes: int, *, time_order: Optional[str] = None,
+                shape: Optional[tuple] = None):
     """The model of a recipe, initialised from ``train.seed`` (identical on every rank).
 
     time_order: the sincos layout to use instead of the recipe's (a resumed run keeps its checkpoint's).
+    shape: (C, T, H, W) of its input, see model_kwargs.
     """
     from .model import create_model
 
-    kw = model_kwargs(recipe, num_classes)
+    kw = model_kwargs(recipe, num_classes, shape)
     if time_order is not None:
         kw["time_order"] = time_order
     with torch.random.fork_rng(devices=[]):
@@ -335,20 +347,24 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
     Returns a summary dict: dataset size/classes/skipped, parameter counts, tokens per clip,
     clip shape, global batch, epochs the run will cover, device and process count.
     """
+    from .latent import model_batch, model_input_shape, training_space
+
     check_tracker(recipe.tracking.backend)
     dataset = build_dataset(recipe, warn=warn)
     num_classes = resolve_num_classes(recipe, dataset)
-    model = build_model(recipe, num_classes)
+    space = training_space(recipe, dataset)
+    shape = model_input_shape(recipe, space, dataset)
+    model = build_model(recipe, num_classes, shape=shape)
     init_report = apply_init_from(model, recipe)
     if init_report is not None and warn is not None:
         for text in init_report.warnings:
             warn(text)
     opt, _ = build_optimizer(model, recipe)
     item = dataset[0]
-    clip = tuple(item["video"].shape)
-    expect = (3, recipe.data.num_frames, recipe.data.height, recipe.data.width)
-    if clip != expect:
-        raise EqmError(f"the dataset yields clips of shape {clip}, the recipe expects {expect}")
+    batch = torch.utils.data.default_collate([item])
+    clip = tuple(model_batch(space, batch, "cpu", torch.Generator().manual_seed(0))[0].shape[1:])
+    if clip != tuple(shape):
+        raise EqmError(f"the dataset yields clips of shape {clip}, the model expects {tuple(shape)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     t = recipe.train
     global_batch = t.batch_size * t.grad_accum * world
@@ -360,10 +376,12 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
         "class_names": list(getattr(dataset, "class_names", []) or []),
         "skipped_files": int(getattr(dataset, "skipped", 0) or 0),
         "clip_shape": list(clip),
+        "latent_space": None if space is None else ("cache " if recipe.data.source == "latents" else "on the fly ")
+        + space.identity.describe(),
         "first_clip_fps": float(item.get("fps", float("nan"))),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "tokens_per_clip": (recipe.data.num_frames // recipe.model.temporal_patch) * model.grid[0] * model.grid[1],
+        "tokens_per_clip": (model.num_frames // recipe.model.temporal_patch) * model.grid[0] * model.grid[1],
         "arch": model.arch_config(),
         "init_from": None if init_report is None else {"source": init_report.source, "weights": init_report.weights,
                                                        "rows": init_report.rows()},
@@ -487,30 +505,35 @@ def _fmt_eta(seconds: float) -> str:
 # ============================================================================================
 
 
-def write_preview(model, recipe: Recipe, path: Path, device) -> Path:
+def write_preview(model, recipe: Recipe, path: Path, device, space=None) -> Path:
     """Sample ``train.preview_samples`` clips from ``model`` (the EMA) at ``train.preview_fps`` and
     write them side by side as one video (format from the suffix, MP4 by default).
 
     The noise is the same at every preview (seeded from train.seed), so successive previews
-    show the model's progress on fixed inputs; labels cycle through the classes.
+    show the model's progress on fixed inputs; labels cycle through the classes. In latent space
+    (``space``, an eqm.latent.LatentSpace with its VAE loaded) the latents of T frames at the
+    preview rate are sampled and decoded.
     """
     from .sampler import sample
-    from .timebase import parse_fps, uniform_timestamps
+    from .timebase import parse_fps
+    from .vae import plan_latents
     from .video.io import write_video
 
     t, s = recipe.train, recipe.sample
     fps = parse_fps(t.preview_fps, name="train.preview_fps")
     T = t.preview_frames or recipe.data.num_frames
     n = t.preview_samples
-    ts = uniform_timestamps(T, float(fps)).to(device=device, dtype=torch.float32)
+    plan = plan_latents(fps, T, space.temporal if space is not None else 1)
+    ts = plan.latent_timestamps.to(device=device, dtype=torch.float32)
     y = torch.arange(n, device=device) % model.num_classes if model.num_classes > 0 else None
     gen = torch.Generator().manual_seed(derive_seed(t.seed, "preview"))
-    shape = (n, model.in_channels, T, *model.input_size)
+    shape = (n, model.in_channels, plan.num_latents, *model.input_size)
     out = sample(
         model, shape, ts.expand(n, -1), y, method=s.method, steps=s.steps, step_size=s.step_size,
         momentum=s.momentum, tol=s.tol, cfg_scale=s.cfg_scale if y is not None else 1.0, generator=gen,
     )
-    x = out.x.float().clamp(-1, 1).cpu()  # (n, C, T, H, W)
+    x = out.x.float()
+    x = (space.decode(x) if space is not None else x).clamp(-1, 1).cpu()  # (n, 3, T, H, W)
     tiled = torch.cat(list(x), dim=-1)  # (C, T, H, n*W)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_video(path, tiled, fps)
@@ -680,6 +703,7 @@ class _Run:
     resume_ckpt: Optional[Path] = None
     sched_note: Optional[str] = None
     init_report: Any = None  # eqm.adapt.InitReport of model.init_from, None without it
+    space: Any = None  # eqm.latent.LatentSpace in latent space, None on pixels
 
     @property
     def log_with(self) -> Optional[str]:
@@ -688,19 +712,25 @@ class _Run:
 
 def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], None]) -> _Run:
     """Build the dataset, the model (keeping a resumed checkpoint's time layout), EMA and optimizer."""
+    from .latent import model_input_shape, training_space
+
     main = accelerator.is_main_process
     dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
     num_classes = resolve_num_classes(recipe, dataset)
+    space = training_space(recipe, dataset, accelerator.device)
+    shape = model_input_shape(recipe, space, dataset)
+    if space is not None and recipe.train.preview_every:  # load it now: a missing VAE fails before training
+        space.vae(None if recipe.data.source != "latents" else recipe.vae.path, accelerator.device)
     state = ckpt_io.load_state(plan.resume_ckpt) if plan.resume_ckpt is not None else None
     order = resume_time_order(recipe, state, plan.resume_ckpt) if state is not None else None
-    model = build_model(recipe, num_classes, time_order=order).to(accelerator.device)
+    model = build_model(recipe, num_classes, time_order=order, shape=shape).to(accelerator.device)
     init_report = apply_init_from(model, recipe) if plan.resume_ckpt is None else None
     ema = EMA(model, recipe.train.ema_decay)
     optimizer, scheduler = build_optimizer(model, recipe)
     return _Run(
         recipe=recipe, accelerator=accelerator, run_dir=plan.run_dir, files=RunDir(plan.run_dir) if main else None,
         dataset=dataset, num_classes=num_classes, model=model, ema=ema, optimizer=optimizer,
-        scheduler=scheduler, resume_state=state, raw_model=model, init_report=init_report,
+        scheduler=scheduler, resume_state=state, raw_model=model, init_report=init_report, space=space,
     )
 
 
@@ -767,6 +797,7 @@ class _Loop:
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
         self.noise_gen = torch.Generator(device=self.device)
+        self.posterior_gen = torch.Generator(device=self.device)  # latent space: the VAE posterior's draws
         self.shift_gen = torch.Generator()  # train.time_shift's own stream: turning it on changes nothing else
         self.step = run.start_step
         self.final_loss: Optional[float] = None
@@ -801,13 +832,15 @@ class _Loop:
         """Forward and backward of one micro-batch; returns its detached loss."""
         from .objective import eqm_loss
 
+        from .latent import model_batch
+
         run, t, device = self.run, self.run.recipe.train, self.device
-        x = batch["video"].to(device, non_blocking=True)
-        ts = batch["timestamps"].to(device, dtype=torch.float32, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True) if run.num_classes > 0 else None
         # Everything random in this micro-batch is a function of (seed, step, micro, rank).
         torch.manual_seed(derive_seed(t.seed, "global", self.step, micro, self.rank))
         self.noise_gen.manual_seed(derive_seed(t.seed, "noise", self.step, micro, self.rank))
+        self.posterior_gen.manual_seed(derive_seed(t.seed, "posterior", self.step, micro, self.rank))
+        x, ts = model_batch(run.space, batch, device, self.posterior_gen)
+        y = batch["label"].to(device, non_blocking=True) if run.num_classes > 0 else None
         pos = None
         if t.time_shift > 0:  # a random start time per clip, in tau units
             self.shift_gen.manual_seed(derive_seed(t.seed, "time_shift", self.step, micro, self.rank))
@@ -870,7 +903,7 @@ class _Loop:
             self.last_ckpt = self._save()
             self.reporter.line(f"checkpoint {self.last_ckpt}")
         if t.preview_every and (step % t.preview_every == 0 or step == t.steps):
-            p = write_preview(run.ema.module, run.recipe, run.files.preview_path(step), self.device)
+            p = write_preview(run.ema.module, run.recipe, run.files.preview_path(step), self.device, run.space)
             self.previews.append(p)
             self.reporter.line(f"preview {p}")
             self.window_t = time.time()  # previews are not training time
@@ -889,7 +922,8 @@ class _Loop:
             self.step, model=run.raw_model, ema=run.ema.module, arch=run.raw_model.arch_config(),
             recipe=run.recipe.to_dict(), optimizer_state=opt_state, keep_last=run.recipe.train.keep_last,
             extra={"world_size": self.world, "loss": self.final_loss,
-                   "class_names": list(getattr(run.dataset, "class_names", []) or [])},
+                   "class_names": list(getattr(run.dataset, "class_names", []) or []),
+                   "vae": None if run.space is None else run.space.record()},
         )
 
 

@@ -195,6 +195,13 @@ def read_vae_config(folder: Path) -> dict:
     return config
 
 
+def vae_identity(path: PathLike) -> VaeIdentity:
+    """The identity of the VAE in a local folder, from its config alone (no weights loaded)."""
+    folder = find_vae_folder(path)
+    config = read_vae_config(folder)
+    return VaeIdentity(config["_class_name"], config_hash(config), str(folder.resolve()))
+
+
 def load_vae(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> "Vae":
     """Load the VAE in local folder ``path`` (or its ``vae/`` subfolder); kind from its config."""
     import diffusers
@@ -209,7 +216,7 @@ def load_vae(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EqmError(f"cannot load the VAE in {folder} (needs config.json and diffusion_pytorch_model."
                        f"safetensors): {first}") from None
-    identity = VaeIdentity(config["_class_name"], config_hash(config), str(folder.resolve()))
+    identity = vae_identity(folder)
     return Vae(module.to(device).eval().requires_grad_(False), identity)
 
 
@@ -358,5 +365,5 @@ def vae_folder_kind(path: PathLike) -> str:
 __all__ = [
     "Vae", "VaeIdentity", "LatentPlan", "load_vae", "latent_timestamps", "plan_latents", "check_num_frames",
     "num_latent_frames", "num_decoded_frames", "sample_posterior", "vae_folder_kind", "config_hash",
-    "find_vae_folder", "VAE_CLASSES",
+    "find_vae_folder", "VAE_CLASSES", "vae_identity",
 ]

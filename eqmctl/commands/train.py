@@ -81,6 +81,7 @@ def _validate(rec) -> None:
         ("data", f"{s['source']}: {s['dataset_size']} clips, {s['num_classes']} classes"
                  + (f", {s['skipped_files']} files skipped" if s["skipped_files"] else "")),
         ("clip", f"{' x '.join(map(str, s['clip_shape']))} (C x T x H x W), first clip at {s['first_clip_fps']:.3g} fps"),
+        *([("latents", s["latent_space"])] if s.get("latent_space") else []),
         ("model", f"{s['params']:,} parameters ({s['trainable_params']:,} trainable), {s['tokens_per_clip']} tokens per clip"),
         ("arch", ", ".join(f"{k}={v}" for k, v in s["arch"].items())),
         ("optimizer", s["optimizer"]),

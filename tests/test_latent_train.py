@@ -1,0 +1,81 @@
+"""Training, previews and sampling in latent space: a tiny SD-VAE-like VAE from disk, a cache of
+synthetic clips, a few real steps from the cache and on the fly (tiny Wan-like video VAE), and
+samples decoded to MP4s whose rate and frame count PyAV reads back."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_vae import save_tiny_kl, save_tiny_wan
+from typer.testing import CliRunner
+
+from eqm.cache import build_cache
+from eqm.recipe import load_recipe
+from eqm.video.io import read_video
+from eqmctl.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny-synthetic.yaml"
+PIXELS = ["data.height=32", "data.width=32", "data.num_frames=5", "data.synthetic.length=8", "vae.batch_size=8"]
+FAST = ["model.patch_size=2", "model.depth=2", "train.batch_size=4", "train.log_every=1", "train.warmup_steps=0",
+        "train.lr=1e-3", "train.lr_schedule=constant", "train.steps=2", "train.preview_every=2",
+        "train.preview_frames=6", "train.preview_samples=2", "sample.steps=3"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def vaes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vaes")
+    return save_tiny_kl(root / "kl"), save_tiny_wan(root / "wan")
+
+
+@pytest.fixture(scope="module")
+def cache(vaes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "c"
+    build_cache(load_recipe(TINY, PIXELS + [f"vae.path={vaes[0]}"]), out, shard_size=4, log=lambda _l: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_run(cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "latent"
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=latents", f"data.latents={cache}",
+                              "--run-dir", str(run)])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def state_of(run):
+    return json.loads(next(Path(run, "checkpoints").glob("step_*/state.json")).read_text())
+
+
+def test_training_from_the_cache_takes_the_latent_shape_and_records_the_vae(cache_run, vaes):
+    state = state_of(cache_run)
+    arch = state["arch"]
+    assert (arch["in_channels"], arch["input_size"], arch["num_frames"]) == (4, [4, 4], 5)
+    assert state["vae"]["class_name"] == "AutoencoderKL" and state["vae"]["path"] == str(vaes[0].resolve())
+    assert state["recipe"]["data"]["height"] == 32  # the cache's clip settings, not the recipe file's 16
+    preview = read_video(next(Path(cache_run, "previews").glob("*.mp4")))
+    assert preview.frames.shape == (6, 32, 64, 3) and preview.fps == 24  # decoded: 2 clips side by side
+
+
+def test_a_recipe_with_another_vae_than_the_cache_is_refused(cache, vaes):
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=latents", f"data.latents={cache}",
+                              f"vae.path={vaes[1]}", "--validate"])
+    assert res.exit_code == 2 and "holds AutoencoderKLWan" in res.output and "use that VAE or re-cache" in res.output
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=latents", f"data.latents={cache.parent}/none"])
+    assert res.exit_code == 2 and "latent cache not found" in res.output
+
+
+def test_on_the_fly_encoding_through_a_video_vae(vaes, tmp_path):
+    args = ["train", str(TINY), *FAST, *PIXELS, "data.num_frames=9", "train.preview_frames=5", f"vae.path={vaes[1]}"]
+    res = runner.invoke(app, [*args, "--validate"])
+    assert res.exit_code == 0, res.output
+    assert "4 x 3 x 4 x 4" in res.output and "on the fly AutoencoderKLWan" in " ".join(res.output.split())
+    res = runner.invoke(app, [*args, "train.steps=1", "train.preview_every=1", "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    state = state_of(tmp_path / "run")
+    assert state["arch"]["num_frames"] == 3 and state["vae"]["temporal"] == 4
+    assert read_video(next((tmp_path / "run" / "previews").glob("*.mp4"))).frames.shape[0] == 5
+    res = runner.invoke(app, ["train", str(TINY), *FAST, *PIXELS, "data.num_frames=6", f"vae.path={vaes[1]}", "--validate"])
+    assert res.exit_code == 2 and "needs 4k+1 frames (e.g. 5 or 9)" in res.output
