@@ -1,31 +1,12 @@
 """Checkpoints on disk: safetensors weights, JSON state, and a weights_only torch file.
 
-The format and its rules: docs/reference.md#checkpoint-format.
-
-Layout of a run directory::
-
-    run_dir/
-      recipe.yaml                    the resolved recipe (every field, overrides applied)
-      metrics.jsonl                  one JSON object per logged step
-      checkpoints/
-        step_0000500/
-          model.safetensors          the trained weights (float32)
-          ema.safetensors            the EMA weights (what `sample` uses by default)
-          state.json                 {"step", "recipe", "arch", "format", ...}
-          optim.pt                   optimizer / LR-scheduler / RNG state (torch.load(weights_only=True))
-
-Why three formats: weights in safetensors load without executing code and memory-map; the JSON
-state is readable by people and by tools that do not have torch; only the optimizer state (a
-nested structure of tensors) needs torch's format, and it is loaded with ``weights_only=True``,
-so every RNG state is stored as tensors and plain Python types (no numpy arrays, no tuples of
-objects).
-
-Writes are atomic and durable: a checkpoint is written into ``checkpoints/.tmp-step_XXXXXXX-<pid>``,
-every file is fsynced, and the folder is renamed into place (then its parent fsynced, see
-:func:`eqm.fsio.publish_dir`), so a crash or power cut leaves either the whole checkpoint or nothing
-(hidden ``.tmp-*`` leftovers are ignored by the readers and removed by :func:`clean_stale`).
-Pruning (``keep_last``) renames a checkpoint to a hidden name before deleting it, for the same
-reason.  Only directories holding a ``state.json`` count as checkpoints.
+A checkpoint is ``checkpoints/step_XXXXXXX/`` in a run directory (:mod:`eqm.rundir`):
+``model.safetensors``, ``ema.safetensors`` (what ``sample`` uses by default), ``state.json``
+({"step", "recipe", "arch", "format", ...}) and ``optim.pt`` (optimizer / LR-scheduler / RNG
+state, read with ``torch.load(weights_only=True)``).  It is written into a hidden
+``.tmp-step_XXXXXXX-<pid>`` folder and renamed into place, so a crash leaves all of it or nothing;
+only folders holding a ``state.json`` count.  The format's rules: docs/reference.md#checkpoint-format;
+why three formats and how writes stay atomic: docs/design.md#run-directory-and-checkpoints.
 """
 
 from __future__ import annotations

@@ -1,40 +1,12 @@
 """Look inside the time-aware positional encoding: numbers and plots (``eqmctl inspect-embed``).
 
-docs/reference.md#time-aware-encoding makes a claim about the temporal code -- with tau = t *
-ref_fps, frames are placed by their time in seconds, neighbouring frames stay separable at every
-rate we sample, and the code is the frame-index code at ref_fps -- and this module measures it for
-a concrete configuration (from a checkpoint's ``arch``, a recipe, or plain options):
-
-* **heatmap**: the temporal code of a clip (channels x frames) at several frame rates, drawn
-  against time in seconds, so a seconds-mode code lines up across rates and an index-mode code
-  is stretched;
-* **similarity**: cosine similarity between every frame of a clip at rate a and every frame of a
-  clip at rate b; seconds mode peaks where t_a ~= t_b, index mode on the diagonal k_a = k_b;
-* **separability**: cosine similarity of adjacent frames against the frame rate for the chosen
-  ``ref_fps``, for raw seconds (ref_fps = 1) and for index positions;
-* **frequencies**: each temporal frequency in Hz (for RoPE: the rotation per second of each
-  channel pair) against each rate's Nyquist limit fps / 2.
-
-Nothing here re-implements the encoding: codes come from :mod:`eqm.embed` through the same calls
-the model makes (``temporal_coords`` -> ``sincos_time`` / ``rope_cos_sin``), in float32 like the
-model, so the plots show what a model with this configuration computes.  What is compared:
-
-* sincos: the d_t channels ``sincos_time`` writes, read back with ``sincos_time_slices``.  The
-  model adds ``sin(v tau) | cos(v tau) - 1`` (the ``- 1`` makes a single frame encode exactly like
-  the image model); the heatmap shows those added values, the similarities use the plain
-  ``sin | cos`` code (the ``- 1`` undone), whose cosine similarity is ``mean_j cos(v_j dtau)`` --
-  the measure :func:`eqm.embed.adjacent_frame_similarity` uses to choose ref_fps (the all-zero
-  code of tau = 0 would have no cosine at all).
-* rope: ``cos | sin`` of the time group's rotation angles (row = col = 0, so only time rotates).
-  Their cosine similarity is again ``mean_j cos(w_j dtau)``: the factor by which the rotation
-  between two frames scales the attention score of identical content.
-
-fps-embed mode uses index positions; the rate reaches that model through a learned embedding of
-the clip's fps, which no plot of the positional code can show (the report says so).
-
-Matplotlib is used through ``matplotlib.figure.Figure`` and the Agg canvas directly, never pyplot:
-no display is needed, the process-wide backend stays whatever the caller chose (a notebook that
-imports :mod:`eqm` keeps its inline backend), and figures are not kept alive by pyplot's registry.
+For one configuration (a checkpoint's ``arch``, a recipe, or plain options) it measures what
+docs/reference.md#time-aware-encoding claims -- frames placed by their time in seconds, adjacent
+frames separable at every rate, the frame-index code at ref_fps -- as a heatmap, a cross-rate
+similarity matrix, adjacent-frame separability and frequencies against Nyquist.  Codes come from
+:mod:`eqm.embed` through the calls the model makes, so the plots show what such a model computes.
+Matplotlib is used through ``Figure`` and the Agg canvas, never pyplot, so the caller's backend is
+left alone.  What each plot compares: docs/design.md#inspect-embed.
 """
 
 from __future__ import annotations
@@ -467,7 +439,7 @@ def inspect_embedding(
 
 
 # ============================================================================================
-# Plots (matplotlib Figure + Agg, no pyplot: see the module docstring)
+# Plots (matplotlib Figure + Agg, no pyplot: docs/design.md#inspect-embed)
 # ============================================================================================
 
 

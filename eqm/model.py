@@ -1,41 +1,11 @@
 """The EqM transformer: a DiT/SiT-style model for clips with real timestamps (docs/reference.md#model).
 
 Read top to bottom: embedders, attention with optional 3D RoPE, the adaLN-Zero block, the final
-layer, the model, and the size registry.
-
-Compatibility with the official EqM/SiT image checkpoints.  For 4D input (B, C, H, W) the model
-is the official image model: the parameter names and shapes below are exactly theirs, so an
-official state dict loads with ``strict=True`` into ``EqMTransformer(pos="sincos",
-temporal_patch=1, learn_sigma=True, in_channels=4, ...)``::
-
-    pos_embed                              (1, N, D)   fixed 2D sin/cos, an nn.Parameter without grad
-    x_embedder.proj.weight / .bias         (D, C, p, p) / (D,)
-    t_embedder.mlp.{0,2}.weight / .bias    (D, 256), (D, D) / (D,)
-    y_embedder.embedding_table.weight      (num_classes + 1, D)   (+1 = null class when dropout > 0)
-    blocks.i.attn.qkv.weight / .bias       (3D, D) / (3D,)
-    blocks.i.attn.proj.weight / .bias      (D, D) / (D,)
-    blocks.i.mlp.fc1.weight / .bias        (4D, D) / (4D,)
-    blocks.i.mlp.fc2.weight / .bias        (D, 4D) / (D,)
-    blocks.i.adaLN_modulation.1.weight/.bias  (6D, D) / (6D,)
-    final_layer.linear.weight / .bias      (p*p*2C, D) / (p*p*2C,)   (learn_sigma doubles; 2nd half dropped)
-    final_layer.adaLN_modulation.1.weight/.bias  (2D, D) / (2D,)
-    (norms are LayerNorm without affine parameters: no keys)
-
-Video mode (5D input (B, C, T, H, W)) uses the same modules.  With ``temporal_patch=1`` the patch
-embedding stays the image Conv2d, applied to every frame (so image weights are reused as they
-are, and a single frame with tau = 0 gives bit-for-bit the image model's output).  With
-``temporal_patch > 1`` ``x_embedder.proj`` is a Conv3d of shape (D, C, p_t, p, p) under the same
-key -- a different shape, so an image checkpoint fails loudly instead of loading half-way.  New
-parameters get new names: ``fps_embedder.mlp.*`` (fps-embed mode only).  RoPE models have no
-``pos_embed``; official image checkpoints (sin/cos) load only into ``pos="sincos"`` models.
-
-The model is not told gamma: the timestep embedder is kept (for the checkpoints) and always fed
-0, as in the official EqM code.  Explicit-energy variants (``energy="dot"`` E = sum x * h(x),
-``energy="l2"`` E = -1/2 |h(x)|^2) return f = grad_x E, with create_graph when gradients are
-enabled (training) and with gradients switched on internally when the caller runs under
-torch.no_grad (sampling).  PyTorch's fused SDPA kernels (flash / memory-efficient on CUDA, the
-flash kernel on CPU) have no double backward, so whenever an energy model must be differentiated
-twice the attention runs on the math backend (``sdpa_kernel(SDPBackend.MATH)``), on every device.
+layer, the model, and the size registry.  For 4D input it is the official EqM/SiT image model,
+parameter names and shapes included, so an official checkpoint loads with ``strict=True``; video
+input reuses the same modules.  The model is not told gamma (its timestep embedder is fed 0), and
+explicit-energy models return grad_x E (attention then runs on the math SDPA backend, the only one
+with double backward).  The key table and the video-mode rules: docs/design.md#model.
 """
 
 from __future__ import annotations
@@ -229,8 +199,8 @@ class EqMTransformer(nn.Module):
     """Equilibrium Matching transformer over clips (B, C, T, H, W) with per-frame timestamps.
 
     forward(x, timestamps, y) returns f(x), the learned equilibrium gradient (same shape as x),
-    which points from noise towards data; samplers ascend it.  See the module docstring for
-    checkpoint compatibility and eqm.embed for the positional encodings.
+    which points from noise towards data; samplers ascend it.  Checkpoint compatibility:
+    docs/design.md#parameter-names; positional encodings: eqm.embed.
     """
 
     def __init__(

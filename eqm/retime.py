@@ -1,52 +1,12 @@
 """Change the frame rate of an existing video: resample, speed change, or model in-betweens.
 
-Three modes (``eqmctl retime``, issue 7):
-
-``resample``  New rate, same duration, same real motion speed.  Output frame k is shown at
-    t_k = k / fps_out and gets the input frame whose presentation time is nearest (ties go to the
-    earlier frame, the one on screen at that instant); with ``blend`` it is the linear blend of
-    the two input frames around t_k, weighted by time.  The input duration is n / fps for a
-    constant-rate file (exact, as fractions) and, for a variable-rate file, the real span of its
-    frames: last pts + the last frame's display time (the container's packet duration, read by
-    :func:`eqm.video.probe.probe_file`).  Output frames: round(duration * fps_out).
-
-``speed``  The same frames played at the new rate: the duration scales by fps_in / fps_out and
-    motion speeds up or slows down by the same factor (what people do today with
-    ``ffmpeg -r``).  A variable-rate input becomes constant-rate (its irregular timing is
-    replaced by 1 / fps_out per frame; a notice says so).
-
-``model``  The time-aware model generates new frames at the new timestamps with the original
-    frames clamped (EqM conditional sampling, docs/reference.md#clamped-frames): 15 fps becomes
-    60 fps with three synthesized frames between every pair of originals.  Design choices:
-
-    * Output slots are k / fps_out; original frame i goes to slot round(pts_i * fps_out).  For a
-      constant-rate input every original must land exactly on a slot (within 1 % of a slot), so
-      fps_out must be a whole multiple of the input rate; anything else is an error that
-      suggests the nearest multiples and ``--mode resample``.  Snapping a constant-rate input
-      to a non-multiple grid would move every original by up to half an output frame and make
-      the motion judder -- the opposite of what the mode is for.  A variable-rate input has no
-      grid that fits, so its originals are snapped to the nearest slot and a notice gives the
-      largest shift.  Two originals on one slot is always an error (the new rate is too low).
-    * The model sees clips of ``window`` output frames (default: its training length
-      ``model.num_frames``).  Each window starts at an original frame and must contain the next
-      one, so every in-between is generated with originals on both sides; the window's
-      in-betweens are kept only up to the last original inside it and the next window starts
-      there, so consecutive windows share a clamped original and never overlap in generated
-      frames.  All such windows depend only on originals and are sampled as one batch.  A tail
-      after the last original longer than a window (a long last frame of a VFR file) is
-      extrapolated by further windows that overlap the previous one by half a window, whose
-      frames are clamped -- these run one after another.
-    * Every window has the clip-relative timestamps k / fps_out (k = 0 .. window-1, first frame
-      at 0, the convention of training clips).
-    * Frames are resized to the model's resolution going in (bilinear, antialiased; the aspect
-      ratio is not preserved, the model has one fixed size) and generated frames are resized
-      back to the video's size.  The ORIGINAL frames in the output are the decoded input frames
-      themselves, never the model's resized copies: retime must not degrade what was there.
-    * Noise for window i comes from its own generator seeded by (seed, i)
-      (:func:`eqm.generate.sample_noise`), so the result does not depend on the batch size.
-
-Audio is not carried over (a notice says so).  Outputs are written atomically by
-:func:`eqm.video.io.write_video`, whose suffix picks the format (.mp4 / .mkv exact rate, .gif).
+``resample``: new rate, same duration and real motion speed (nearest frame by time, or a blend
+of the two around it).  ``speed``: the same frames at the new rate, so motion speeds up or slows
+down.  ``model``: the time-aware model generates the new frames at their timestamps with the
+original frames clamped (docs/reference.md#clamped-frames), in windows that each start at an
+original and contain the next; for a constant-rate input the new rate must be a whole multiple of
+the old.  Original frames in the output are the decoded input frames, never the model's copies;
+audio is not carried over.  The design of each mode and why: docs/design.md#retime.
 """
 
 from __future__ import annotations
@@ -245,9 +205,10 @@ def resample_frames(frames: np.ndarray, pts, fps, *, duration=None, blend: bool 
 def model_slots(pts, fps_out, *, vfr: bool, fps_in=None):
     """Output slot of every original frame for model mode, and notices.
 
-    Slot i = round(pts_i * fps_out).  A constant-rate input must land on the grid (see the module
-    docstring): otherwise an EqmError suggests whole multiples of its rate.  A variable-rate input
-    is snapped, with a notice giving the largest shift.  Originals sharing a slot are an error.
+    Slot i = round(pts_i * fps_out).  A constant-rate input must land on the grid
+    (docs/design.md#retime): otherwise an EqmError suggests whole multiples of its rate.  A
+    variable-rate input is snapped, with a notice giving the largest shift.  Originals sharing a
+    slot are an error.
     """
     pts = np.asarray(pts, dtype=np.float64)
     fps_out = _rate(fps_out)
@@ -303,7 +264,7 @@ class Window:
 def plan_windows(slots, num_out: int, length: int) -> list:
     """Windows covering num_out output slots, given the slots of the originals (slots[0] == 0).
 
-    See the module docstring: anchored windows start at an original and keep their in-betweens
+    docs/design.md#retime: anchored windows start at an original and keep their in-betweens
     up to the last original inside them; a tail beyond the last original that one window cannot
     reach is covered by chained windows overlapping the previous one by half a window.
     """

@@ -2,48 +2,10 @@
 
 ``train(recipe, run_dir=None, resume=None)`` is the whole thing; ``eqmctl train`` is a thin CLI
 over it, and the same call works in a plain process, or under ``accelerate launch`` with several
-processes, GPUs or nodes (DDP through Accelerate).
-
-Design points, each of which a test checks:
-
-* **One Accelerator for every setting.**  It is built with ``cpu=not torch.cuda.is_available()``:
-  ``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs then gives two
-  gloo ranks that train one model together, whereas a plain ``Accelerator()`` there trains two
-  unrelated models without a word (and ``accelerate launch --cpu --num_processes 2`` silently runs
-  a single process).  At the end every rank hashes its weights; the main process records the
-  hashes in ``summary.json`` and fails the run if the replicas differ.
-* **Randomness is a function of (seed, step, micro-batch, rank).**  Before every micro-batch the
-  global torch RNG (label dropout) and the noise generator (gamma, x0) are re-seeded from
-  ``derive_seed(seed, step, micro, rank)``, and the data order comes from
-  :class:`StepBatchSampler`, which maps a micro-batch number straight to dataset indices
-  (epoch-wise permutations seeded from (seed, epoch), ranks take disjoint slices).  Resuming
-  therefore needs no replay of the loader, and an interrupted-and-resumed run ends with exactly the
-  weights of an uninterrupted one (on CPU; GPU kernels may be non-deterministic).  Model init
-  uses ``seed`` on every rank, so all replicas start equal even before DDP's broadcast.
-* **Once per optimizer step, not per micro-batch:** clipping, the optimizer and LR-scheduler
-  steps, the EMA update, step counting, logging, checkpoints and previews.  Micro-batches run
-  inside ``accelerator.accumulate`` (no gradient all-reduce until the last one; Accelerate
-  scales the loss by 1/grad_accum).
-* **Divergence stops the run.**  The loss (averaged over micro-batches and ranks, so every rank
-  takes the same decision) and the gradient norm are checked before the optimizer step; a NaN or
-  inf ends the run with exit code 1 *without* applying the step, and nothing is saved after it:
-  the checkpoints already on disk are the last good ones and the message names the newest.
-  (fp16 is the exception for the gradient norm: its GradScaler skips steps with inf gradients
-  by design, so only the loss is checked there.)  This costs one scalar host sync per step.
-* **Only the main process writes** (run dir, recipe.yaml, metrics.jsonl, log.txt, checkpoints,
-  previews, trackers).  The run directory is chosen on the main process and broadcast.
-* **Mixed precision** (``train.mixed_precision`` bf16/fp16) is Accelerate's autocast on GPU;
-  weights, optimizer state and EMA stay float32.  On CPU the run is float32 and a warning says so.
-* **LR schedule**: linear warmup from 0 over ``warmup_steps``, then constant or cosine to
-  ``min_lr_ratio * lr``; a ``LambdaLR`` stepped once per optimizer step, not passed through
-  ``accelerator.prepare`` (whose scheduler wrapper steps it once per process).  A resumed run
-  keeps the checkpoint's step and Adam moments but takes ``lr``, ``weight_decay`` and the schedule
-  from the recipe (raising ``train.steps`` extends the cosine; the log says when the lr changes).
-
-Outputs in the run directory: see :mod:`eqm.checkpoint` for checkpoints; ``metrics.jsonl``
-(step, loss, lr, grad_norm, samples_per_s, time, epoch), ``log.txt`` (the plain log lines),
-``previews/step_XXXXXXX.mp4`` (EMA samples at ``train.preview_fps``), ``summary.json`` (final
-step, loss, world size, per-rank weight hashes).
+processes, GPUs or nodes (DDP through Accelerate).  Randomness is a function of (seed, step,
+micro-batch, rank), so a resumed run ends with the weights of an uninterrupted one; a NaN or inf
+loss or gradient stops the run before the step is applied; only the main process writes the run
+directory (:mod:`eqm.rundir`).  Each design point and its reason: docs/design.md#training-loop.
 """
 
 from __future__ import annotations

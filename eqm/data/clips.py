@@ -1,45 +1,15 @@
 """Training clips with real timestamps: the clip policy and the synthetic / folder / manifest datasets.
 
-The rules: docs/reference.md#data. Every item is a dict
+Every item is a dict
 
     {"video": float32 (C, T, H, W) in [-1, 1], "timestamps": float32 (T,) seconds with t[0] = 0,
      "label": int64 scalar, "fps": float (the effective rate the clip was sampled at)}
 
-so the default collate gives (B, C, T, H, W), (B, T), (B,), (B,).
-
-How a clip is cut from a video (`ClipPolicy`, `select_frames`):
-
-* Effective rate. Drawn per clip uniformly from [fps_min, fps_max], restricted so that it is
-  never above the source's own rate (a clip at 30 fps from a 24 fps file would need frames that
-  do not exist; repeating frames would teach the model that nothing moves for 1/30 s) and so that
-  T frames at that rate fit in the file. Drawing uniformly from the restricted interval rather
-  than clamping the draw keeps clips of a 24 fps file spread over [fps_min, 24] instead of piling
-  up at 24. A source slower than fps_min gives clips at its own rate (every frame), which is
-  below fps_min: the only honest option; the dataset warns once how many files do this.
-* Frames. The first frame is a real frame chosen uniformly among those from which the clip fits;
-  the wanted times are then pts[first] + k / fps and each takes the nearest real frame (ties to
-  the earlier one), forced strictly increasing (a variable-rate file can have gaps wider than
-  1 / fps, where two wanted times would otherwise pick the same frame). The frame choice is made
-  from the probed packet timestamps, without decoding; `eqm.video.io.read_clip` then seeks to the
-  keyframe before the first frame and decodes forward only to the last one.
-* Timestamps are the real presentation times of the frames returned by the decoder, relative to
-  the first one: k / fps within half a source frame for a constant-rate file, the file's own
-  irregular times for a variable-rate one.
-* Space. One resize (shorter side scaled so the frame covers height x width, bilinear with
-  antialiasing) and one random crop position per clip, the same for every frame, and one flip
-  decision per clip. Resizing scales speeds in px/s with it; the synthetic source renders at the
-  policy's size, where this is a no-op.
-
-Randomness: item i of a dataset draws from a numpy Generator seeded with (seed, i) (and the file
-it reads), never from global state, so item i is the same in every process, every DataLoader
-worker and every run: training with Accelerate shards indices across ranks and gets the same
-clips as a single process. The price is that item i is also the same in every epoch; datasets
-over files take `clips_per_file` to offer several different clips of each file per epoch.
-
-Broken files: files that cannot be probed, or are too short for a clip, are skipped when the
-dataset is built, counted in `.skipped` (reasons in `.skipped_files`) and reported in one
-warning. A file that fails later, when a clip is read, is reported once and replaced by the next
-readable file (same class first), chosen deterministically, so an epoch never stops halfway.
+so the default collate gives (B, C, T, H, W), (B, T), (B,), (B,).  A clip is T frames at a rate
+drawn per clip (never above the source's), chosen from the probed timestamps and read by seeking;
+its timestamps are the decoded frames' real presentation times.  Item i is the same in every
+process and run (seeded by (seed, i)); broken files are skipped and counted.  The rules:
+docs/reference.md#clips; the policy in detail and why: docs/design.md#clips.
 """
 
 from __future__ import annotations

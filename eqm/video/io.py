@@ -1,36 +1,13 @@
 """Reading clips by seeking, and writing videos that play at exactly the requested rate.
 
-Reading (docs/reference.md#clips): `read_clip` opens a file with PyAV, seeks to the keyframe at or before
-the first wanted time and decodes forward only until the last wanted time has been passed, so the
-cost of a 16-frame clip depends on the keyframe interval, not on the length of the file. Each
-requested time gets the decoded frame whose presentation time is nearest, and the clip carries
-those real presentation times (not the requested ones): the timestamps a model trains on are the
-times the frames were actually shown. `read_video` decodes a whole file (for retiming user
-videos, never for training clips).
-
-Writing (docs/reference.md#outputs): `write_video` picks the format from the suffix.
-
-- ``.mp4`` / ``.mkv``: H.264 (libx264) through PyAV. The encoder and stream time base is 1/fps
-  with fps an exact fraction (30000/1001 -> time base 1001/30000, frame k has pts k), and the
-  stream rate is that fraction, so readers report 30000/1001 rather than 29.97. The keyframe
-  interval defaults to about one second: x264's default of 250 frames would make every seek in
-  a training clip decode up to ten seconds of video. Given explicit ``pts`` (seconds, variable
-  rate) the time base is 1/90000 (the MPEG clock) and the frames keep those times; matroska
-  always stores milliseconds, whatever time base is asked for.
-- ``.gif``: delays are whole hundredths of a second. Frame k starts at round(100 k / fps) cs, so
-  per-frame rounding errors do not accumulate and the total duration is exact to 1 cs; above
-  50 fps some delays are 1 cs, which browsers raise to 10 cs, hence a warning. Written with
-  Pillow (a dependency of imageio) because it builds an adaptive palette per frame, where
-  PyAV's GIF encoder only offers a fixed 3-3-2 palette. Pillow floors millisecond durations to
-  centiseconds, so the delays are passed as exact multiples of 10 ms.
-
-Every write goes to a temporary file in the destination folder (keeping the suffix, so tools
-that sniff it still work) and is renamed over the target at the end; on any error the temporary
-file is removed and the target is left as it was.
-
-Frames for I/O are numpy uint8 (T, H, W, 3); model tensors are float (C, T, H, W) in [-1, 1]
-(`to_uint8` / `from_uint8` convert). The writers accept either: a float array/tensor is always
-read as (C, T, H, W) in [-1, 1], a uint8 one as (T, H, W, 3).
+`read_clip` seeks to the keyframe before the first wanted frame and decodes forward only to the
+last one, returning the frames' real presentation times; `read_video` decodes a whole file (for
+retiming, never for training clips).  `write_video` picks the format from the suffix: ``.mp4`` /
+``.mkv`` (H.264, time base 1/fps with fps an exact fraction, or 1/90000 for explicit pts) and
+``.gif`` (delays in whole 1/100 s, rounded so the total duration is exact; written with Pillow for
+its per-frame palette).  Every write is atomic.  Frames for I/O are numpy uint8 (T, H, W, 3); model
+tensors float (C, T, H, W) in [-1, 1] (`to_uint8` / `from_uint8`); the writers accept either.
+The rules: docs/reference.md#outputs; the choices and why: docs/design.md#video-io.
 """
 
 from __future__ import annotations
@@ -63,7 +40,7 @@ __all__ = [
     "WRITE_FORMATS",
 ]
 
-#: Output suffix -> libavformat muxer name ("gif" is written by Pillow, see the module docstring).
+#: Output suffix -> libavformat muxer name ("gif" is written by Pillow: docs/design.md#video-io).
 WRITE_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".gif": "gif"}
 
 #: Time base for variable-rate output: 90 kHz is the MPEG system clock, fine enough that any
