@@ -284,6 +284,7 @@ def generate(
     num_samples: int = 1,
     labels: Optional[torch.Tensor] = None,
     cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = None,
     method: str = "gd",
     steps: Optional[int] = None,
     step_size: Optional[float] = None,
@@ -298,7 +299,7 @@ def generate(
 
     Batches of ``batch_size`` (default: all at once) go through :func:`eqm.sampler.sample`;
     ``progress(n)`` is called with the number of samples finished after each batch.
-    ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast.
+    ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast.  guidance_channels: see eqm.sampler.sample.
     """
     from .sampler import default_sampler_settings, sample
 
@@ -332,7 +333,7 @@ def generate(
             res = sample(
                 model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y,
                 method=method, steps=steps, step_size=step_size, momentum=momentum,
-                cfg_scale=cfg_scale, tol=tol,
+                cfg_scale=cfg_scale, guidance_channels=guidance_channels, tol=tol,
             )
         x = res.x.float().cpu()
         if not torch.isfinite(x).all():
@@ -346,7 +347,7 @@ def generate(
     return Generation(
         videos=torch.cat(outs), labels=labels, evals=torch.cat(evals), final_rms=torch.cat(rms), timestamps=ts,
         fps=fps, settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol,
-                               cfg_scale=cfg_scale, seed=seed),
+                               cfg_scale=cfg_scale, guidance_channels=guidance_channels, seed=seed),
     )
 
 

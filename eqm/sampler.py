@@ -10,8 +10,9 @@ below tol stops moving; only the samples still moving are sent through the model
 counted per sample, and the loop ends once every sample has stopped.
 
 Classifier-free guidance: f = f_u + s * (f_c - f_u) on ALL channels, the conditional and null-label
-passes batched together (the official image code guides only the first 3 latent channels; we do
-not copy that).
+passes batched together.  The official EqM/DiT image code guides only the first 3 of the 4 latent
+channels and keeps f_c on the 4th; ``guidance_channels=3`` reproduces that exactly (for comparing
+with the paper's numbers); all channels stay the default.
 
 Conditional generation: frames flagged in ``known_mask`` are set to ``known`` at the start and
 reset to it after every step; their gradient is zeroed so they do not feed NAG momentum and do
@@ -69,6 +70,15 @@ class SampleOutput:
     steps: int
 
 
+def guide(f_c: torch.Tensor, f_u: torch.Tensor, scale: float, channels: Optional[int] = None) -> torch.Tensor:
+    """Classifier-free guidance f_u + s (f_c - f_u); with ``channels`` only on the first n channels
+    and f_c on the others (the official EqM/DiT sampler, n = 3)."""
+    f = f_u + scale * (f_c - f_u)
+    if channels is None or channels >= f.shape[1]:
+        return f
+    return torch.cat([f[:, :channels], f_c[:, channels:]], dim=1)
+
+
 def _model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -96,6 +106,7 @@ def sample(
     step_size: Optional[float] = None,
     momentum: Optional[float] = None,
     cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = None,
     tol: Optional[float] = None,
     known: Optional[torch.Tensor] = None,
     known_mask: Optional[torch.Tensor] = None,
@@ -106,7 +117,8 @@ def sample(
 
     shape_or_noise: the output shape (noise drawn with ``generator``, then moved to the model's
     device) or the starting tensor.  timestamps: (B, T) or (T,) seconds (None: frame-index positions).
-    y: (B,) labels or None (null label).  steps / step_size / momentum default to
+    y: (B,) labels or None (null label).  guidance_channels: guide only the first n channels
+    (the official code's 3), the rest follow f_c; None = all.  steps / step_size / momentum default to
     :func:`default_sampler_settings`.  tol: adaptive stop on the per-sample gradient RMS.
     known (B, C, T, H, W) and known_mask (B, T) bool: frames to clamp.
     callback(step, x, rms, active) is called after every step (rms (B,): last RMS per sample).
@@ -140,6 +152,8 @@ def sample(
         if y.shape[0] != B:
             raise EqmError(f"labels have batch {y.shape[0]} but {B} samples were requested")
     guided = cfg_scale != 1.0
+    if guidance_channels is not None and not 1 <= int(guidance_channels) <= x.shape[1]:
+        raise EqmError(f"guidance_channels must be between 1 and the model's {x.shape[1]} channels, got {guidance_channels}")
     if guided and y is None:
         raise EqmError("classifier-free guidance (cfg_scale != 1) needs class labels")
 
@@ -170,8 +184,7 @@ def sample(
     def field(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if guided:
             out = model(torch.cat([xs, xs]), None, torch.cat([y[idx], y_null[idx]]), pos=pos.select(torch.cat([idx, idx + B])))
-            f_c, f_u = out.chunk(2)
-            f = f_u + cfg_scale * (f_c - f_u)
+            f = guide(*out.chunk(2), cfg_scale, guidance_channels)
         else:
             f = model(xs, None, None if y is None else y[idx], pos=pos.select(idx))
         if mask5 is not None:

@@ -310,3 +310,104 @@ def test_train_starts_from_an_official_checkpoint_and_reports_the_mapping(tmp_pa
 
     res = runner.invoke(app, ["train", str(TINY), *FAST, f"model.init_from={tmp_path / 'missing.pt'}", "--validate"])
     assert res.exit_code == 2 and "model.init_from:" in res.output and "not found" in res.output
+
+
+# ------------------------------------------------------------------------------ sampling images
+
+
+def official_reference(model, z, y, *, cfg_scale, eta, steps, mu=None):
+    """The official sample_gd.py loop written out: a doubled batch, guidance on channels :3 of
+    forward_with_cfg's output, both halves rebuilt from the first, the first half kept."""
+    n = z.shape[0]
+    xt = torch.cat([z, z])
+    ys = torch.cat([y, torch.full_like(y, model.num_classes)])
+    m = torch.zeros_like(xt)
+    with torch.no_grad():
+        for _ in range(steps):
+            x_in = xt + eta * m * mu if mu is not None else xt
+            half = x_in[:n]
+            out = model(torch.cat([half, half]), None, ys)
+            eps, rest = out[:, :3], out[:, 3:]
+            cond, uncond = eps.chunk(2)
+            guided = uncond + cfg_scale * (cond - uncond)
+            out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
+            if mu is not None:
+                m = out
+            xt = xt + out * eta
+    return xt[:n]
+
+
+@pytest.mark.parametrize("mu", [None, 0.3])
+def test_cfg_channels_3_reproduces_the_official_guidance_exactly(official, mu):
+    from eqm.sampler import sample
+
+    _, path = official
+    model, _ = load_official_model(path)
+    z, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 5, 9])
+    ref = official_reference(model, z, y, cfg_scale=4.0, eta=0.05, steps=4, mu=mu)
+    kw = dict(method="nag" if mu else "gd", steps=4, step_size=0.05, momentum=mu or 0.0, cfg_scale=4.0)
+    ours = sample(model, z, None, y, guidance_channels=3, **kw).x
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    default = sample(model, z, None, y, **kw).x  # ours guides all 4 channels: channel 3 differs
+    assert torch.allclose(default[:, :3], ours[:, :3], atol=1e-1) and not torch.allclose(default[:, 3], ours[:, 3], atol=1e-5)
+    with pytest.raises(EqmError, match="guidance_channels must be between 1 and the model's 4"):
+        sample(model, z, None, y, guidance_channels=5, **kw)
+
+
+def test_sample_official_pt_writes_decoded_pngs_and_a_grid(official, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from eqm.images import sample_official
+    from eqm.sampler import sample
+    from eqm.vae import load_vae
+    from eqmctl.cli import app
+    from tests.tiny_vae import save_tiny_kl
+
+    _, path = official
+    vae_dir = save_tiny_kl(tmp_path / "sd-vae", scaling_factor=0.18215)
+    out = tmp_path / "imgs"
+    res = CliRunner().invoke(app, ["sample", "--ckpt", str(path), "--vae", str(vae_dir), "-N", "3", "--labels", "2,7",
+                                   "--sampler", "nag", "--steps", "3", "--step-size", "0.01", "--cfg-scale", "1.5",
+                                   "--cfg-channels", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "3 images" in res.output and "cfg 1.5 on 3 channels" in res.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["image_00000.png", "image_00001.png", "image_00002.png", "image_grid.png", "images.json"]
+    assert Image.open(out / "image_00001.png").size == (64, 64)  # 8x8 latents through the 8x VAE
+    doc = json.loads((out / "images.json").read_text())
+    assert [i["label"] for i in doc["images"]] == [2, 7, 2] and doc["settings"]["guidance_channels"] == 3
+    assert doc["weights"] == "ema" and doc["args"]["model"] == "EqM-tiny/2" and doc["vae"]["class_name"] == "AutoencoderKL"
+
+    # the library call behind it: the sampler's latents, decoded by the VAE
+    summary, gen, loaded = sample_official(path, tmp_path / "lib", vae_path=vae_dir, num_samples=2, steps=2, step_size=0.01)
+    model, _ = load_official_model(path)
+    from eqm.generate import sample_noise
+
+    direct = sample(model, sample_noise(2, (4, 8, 8), 0), None, torch.tensor([0, 1]), steps=2, step_size=0.01).x
+    assert torch.allclose(gen.latents, direct, atol=1e-6)
+    assert torch.allclose(gen.images, load_vae(vae_dir).decode(direct.unsqueeze(2)).squeeze(2), atol=1e-5)
+    assert gen.settings["method"] == "gd" and loaded.weights == "ema"
+
+
+def test_sample_official_errors_are_one_line(official, tmp_path):
+    from typer.testing import CliRunner
+
+    from eqmctl.cli import app
+
+    _, path = official
+    runner = CliRunner()
+    res = runner.invoke(app, ["sample", "--ckpt", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "4-channel latents: give --vae PATH" in res.output
+    assert not (tmp_path / "o").exists()
+    res = runner.invoke(app, ["sample", "--ckpt", str(path), "--vae", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "VAE folder not found" in res.output
+    marker = tmp_path / "pwned"
+    torch.save({"ema": {}, "args": _Marker(str(marker))}, tmp_path / "evil.pt")
+    res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "refused to load" in res.output and not marker.exists()
+    C.save_checkpoint(tmp_path / "run", 1, model=video_model(), arch=video_model().arch_config(), recipe={})
+    res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--fps is required" in res.output

@@ -1,4 +1,5 @@
-"""`eqmctl sample --fps N`: generate clips at a chosen frame rate and write them to play at it."""
+"""`eqmctl sample --fps N`: generate clips at a chosen frame rate and write them to play at it.
+`eqmctl sample --ckpt official.pt`: images from an official EqM image checkpoint (PNGs and a grid)."""
 
 from pathlib import Path
 from typing import Optional
@@ -9,21 +10,23 @@ from eqmctl.common import console, err_console, is_tty, user_errors, warn
 
 
 def sample(
-    fps: str = typer.Option(..., "--fps", help="Frame rate to generate at, e.g. 60, 29.97 or 30000/1001. Frame k is at k/fps seconds."),
+    fps: Optional[str] = typer.Option(None, "--fps", help="Frame rate to generate at, e.g. 60, 29.97 or 30000/1001. Frame k is at k/fps seconds. Required for video checkpoints."),
     ckpt: Optional[str] = typer.Option(
-        None, "--ckpt", metavar="CKPT|RUN",
-        help="Checkpoint directory or run directory (its latest checkpoint). Default: the latest checkpoint of the latest run under --runs-root.",
+        None, "--ckpt", metavar="CKPT|RUN|PT",
+        help="Checkpoint directory or run directory (its latest checkpoint), or an official EqM .pt (images: T = 1, PNGs and a grid). Default: the latest checkpoint of the latest run under --runs-root.",
     ),
     frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames per clip (default: the model's training length, fewer at rates below its training range so the clip stays within the seconds it was trained on)."),
     seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = round(seconds * fps))."),
     num_samples: int = typer.Option(4, "--num-samples", "-N", help="Number of clips."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the checkpoint recipe's sample.cfg_scale)."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the checkpoint recipe's sample.cfg_scale; 1 for an official .pt)."),
+    cfg_channels: Optional[int] = typer.Option(None, "--cfg-channels", help="Guide only the first N channels, the rest follow the conditional field: 3 reproduces the official EqM/DiT sampler exactly (default: all channels)."),
     sampler: str = typer.Option("gd", "--sampler", help="gd or nag (Nesterov-accelerated gradient descent)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler)."),
-    step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler; the paper's 250 for an official .pt, whose sample_gd.py --num-sampling-steps N runs N - 1)."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler; the paper's 0.003 GD / 0.0017 NAG for an official .pt)."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="NAG momentum mu (default 0.3)."),
-    tol: Optional[float] = typer.Option(0.01, "--tol", help="Adaptive stop: a sample stops when the RMS of its gradient falls below this; 0 = always run all steps."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Adaptive stop: a sample stops when the RMS of its gradient falls below this; 0 = always run all steps (default 0.01; 0 for an official .pt, as the paper samples)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (official EqM: stabilityai/sd-vae-ft-ema)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed; sample i always gets the same noise for a given seed."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", file_okay=False, help="Output folder."),
@@ -45,6 +48,15 @@ def sample(
     with user_errors():
         import json as _json
 
+        from eqm.official import is_official_file
+
+        if ckpt is not None and is_official_file(ckpt):
+            return _sample_official(
+                ckpt, out, weights="ema" if ema else "model", vae_path=vae, num_samples=num_samples, labels=labels,
+                cfg_scale=1.0 if cfg_scale is None else cfg_scale, guidance_channels=cfg_channels, method=sampler,
+                steps=steps, step_size=step_size, momentum=momentum, tol=tol or None, seed=seed,
+                batch_size=batch_size, device=device, json_out=json_out,
+            )
         from eqm.checkpoint import load_model, resolve_checkpoint
         from eqm.errors import EqmError, NonFiniteError
         from eqm.generate import (
@@ -53,6 +65,10 @@ def sample(
         )
         from eqm.timebase import format_fps, parse_fps
 
+        if fps is None:
+            raise EqmError("--fps is required to sample a video checkpoint (e.g. --fps 24)")
+        if tol is None:
+            tol = 0.01
         rate = parse_fps(fps, name="--fps")
         if fmt not in FORMATS:
             raise EqmError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -88,7 +104,7 @@ def sample(
             gen = generate(
                 model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, cfg_scale=cfg_scale,
                 method=sampler, steps=steps, step_size=step_size, momentum=momentum, tol=tol or None,
-                seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
+                guidance_channels=cfg_channels, seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
             )
         except NonFiniteError as e:  # the model is what broke: name its checkpoint
             raise NonFiniteError(f"checkpoint {path}: {e}") from None
@@ -131,3 +147,50 @@ def _print_summary(summary, gen, rate: str, state) -> None:
     if summary.grid is not None:
         extra.append(f"grid: {summary.grid}")
     console.print("  ".join(extra), highlight=False)
+
+
+def _sample_official(ckpt, out, *, json_out: bool, device, **options) -> None:
+    """Images from an official EqM checkpoint (eqm.images.sample_official), and their summary."""
+    import json as _json
+
+    from eqm.generate import check_sampler_options, resolve_device
+    from eqm.images import sample_official
+
+    check_sampler_options(options["method"], options["steps"], options["step_size"], options["momentum"], options["tol"])
+    progress_cb, bar = _progress(options["num_samples"], enabled=is_tty() and not json_out)
+    try:
+        summary, gen, loaded = sample_official(ckpt, out, device=resolve_device(device), progress=progress_cb, **options)
+    finally:
+        if bar is not None:
+            bar.stop()
+    for note in loaded.notes:
+        warn(note)
+    if json_out:
+        print(_json.dumps(_json.loads(summary.manifest.read_text()), indent=2))
+        return
+    from rich.table import Table
+
+    st = gen.settings
+    how = f"{st['method']}, {st['steps']} steps of {st['step_size']:g}" + (f", momentum {st['momentum']:g}" if st["method"] == "nag" else "")
+    if st["cfg_scale"] != 1.0:
+        how += f", cfg {st['cfg_scale']:g}" + (f" on {st['guidance_channels']} channels" if st["guidance_channels"] else "")
+    table = Table(title=f"{len(summary.files)} images in {summary.out_dir}/ from {ckpt} ({loaded.weights}; {how})", title_justify="left")
+    for col in ("file", "label", "evals", "final rms"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    labels = [None] * len(summary.files) if gen.labels is None else gen.labels.tolist()
+    for f, lab, e, r in zip(summary.files, labels, gen.evals.tolist(), gen.final_rms.tolist()):
+        table.add_row(f.name, "-" if lab is None else str(lab), f"{e}/{st['steps']}", f"{r:.4f}")
+    console.print(table)
+    console.print(f"details: {summary.manifest}  grid: {summary.grid}", highlight=False)
+
+
+def _progress(total: int, enabled: bool):
+    """(callback, bar) for a rich progress bar over ``total`` samples, or (None, None)."""
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
+    task = bar.add_task("sample", total=total)
+    bar.start()
+    return (lambda n: bar.update(task, completed=n)), bar
