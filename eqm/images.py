@@ -124,7 +124,7 @@ def write_images(gen: ImageGeneration, out_dir, *, prefix: str = "image", grid: 
                  class_names: Sequence[str] = (), meta: Optional[dict] = None) -> ImageSummary:
     """``<prefix>_00000.png`` ... one per image, ``<prefix>_grid.png`` and ``<prefix>s.json``
     (settings, label, evaluations per image); every file written atomically."""
-    from .generate import _write_json_atomic
+    from . import fsio
     from .video.io import write_grid_png, write_png_frames
 
     out_dir = Path(out_dir)
@@ -143,7 +143,7 @@ def write_images(gen: ImageGeneration, out_dir, *, prefix: str = "image", grid: 
         "grid": None if grid_path is None else grid_path.name,
     }
     manifest = out_dir / f"{prefix}s.json"
-    _write_json_atomic(manifest, doc)
+    fsio.write_json(manifest, doc)
     return ImageSummary(out_dir=out_dir, files=files, grid=grid_path, manifest=manifest)
 
 
