@@ -79,3 +79,23 @@ def test_on_the_fly_encoding_through_a_video_vae(vaes, tmp_path):
     assert read_video(next((tmp_path / "run" / "previews").glob("*.mp4"))).frames.shape[0] == 5
     res = runner.invoke(app, ["train", str(TINY), *FAST, *PIXELS, "data.num_frames=6", f"vae.path={vaes[1]}", "--validate"])
     assert res.exit_code == 2 and "needs 4k+1 frames (e.g. 5 or 9)" in res.output
+
+
+@pytest.mark.parametrize("name,download", [
+    ("ucf101-sdvae-B2.yaml", "huggingface-cli download stabilityai/sd-vae-ft-ema"),
+    ("ucf101-sdvae-XL2.yaml", "huggingface-cli download stabilityai/sd-vae-ft-ema"),
+    ("ucf101-wan-B2.yaml", "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --include \"vae/*\""),
+])
+def test_latent_recipes_say_what_to_download_and_build_with_their_vae_kind(name, download, vaes, cache):
+    path = REPO / "recipes" / name
+    header = path.read_text().split("\nname:")[0]
+    assert download in header and "eqmctl.cli cache" in header and "eqmctl.cli train" in header
+    rec = load_recipe(path)
+    assert rec.data.source == "latents" and (rec.data.height, rec.data.width) == (256, 256) and rec.vae.path
+    small = ["model.size=tiny", "data.num_workers=0", "--validate"]
+    if "wan" in name:  # on the fly through the tiny video VAE: the recipe's 17 frames fit 4k+1
+        args = [f"vae.path={vaes[1]}", "data.source=synthetic", "data.height=32", "data.width=32"]
+    else:  # from a cache made by the tiny image VAE
+        args = [f"vae.path={vaes[0]}", f"data.latents={cache}"]
+    res = runner.invoke(app, ["train", str(path), *args, *small])
+    assert res.exit_code == 0, res.output
