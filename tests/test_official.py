@@ -411,3 +411,27 @@ def test_sample_official_errors_are_one_line(official, tmp_path):
     C.save_checkpoint(tmp_path / "run", 1, model=video_model(), arch=video_model().arch_config(), recipe={})
     res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--fps is required" in res.output
+
+
+def test_latent_training_starts_from_the_official_checkpoint_through_the_vae(official, tmp_path):
+    """The fine-tune recipes' path at a tiny size: SD-VAE-style latents (encoded on the fly), the
+    official 4-channel image weights mapped in, one step trained, the video checkpoint sampled."""
+    from typer.testing import CliRunner
+
+    from eqmctl.cli import app
+    from tests.test_train import FAST, TINY
+    from tests.tiny_vae import save_tiny_kl
+
+    img, path = official
+    vae_dir = save_tiny_kl(tmp_path / "sd-vae", scaling_factor=0.18215)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "train", str(TINY), *FAST, "data.height=64", "data.width=64", "model.patch_size=2", "model.depth=4",
+        "model.learn_sigma=false", f"vae.path={vae_dir}", f"model.init_from={path}", "train.steps=1",
+        "data.synthetic.num_classes=10", "--run-dir", str(run),
+    ])
+    assert res.exit_code == 0, res.output
+    assert "initial weights from" in res.output and "sigma half dropped" in res.output
+    model, _ = C.load_model(run, use_ema=False)
+    assert model.in_channels == 4 and model.input_size == (8, 8)
+    assert (model.blocks[1].mlp.fc2.weight - img.blocks[1].mlp.fc2.weight).abs().max() < 0.01
