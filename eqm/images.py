@@ -77,10 +77,11 @@ def generate_images(
     model, *, num_samples: int, labels: Optional[torch.Tensor] = None, cfg_scale: float = 1.0,
     guidance_channels: Optional[int] = None, method: str = "gd", steps: int, step_size: float,
     momentum: float = 0.0, tol: Optional[float] = None, seed: int = 0, batch_size: Optional[int] = None,
-    vae=None, progress: Optional[Callable[[int], None]] = None,
+    vae=None, dtype: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
 ) -> ImageGeneration:
-    """Sample ``num_samples`` images (T = 1) with eqm.sampler.sample and decode them with ``vae``."""
-    from .generate import sample_noise
+    """Sample ``num_samples`` images (T = 1) with eqm.sampler.sample and decode them with ``vae``;
+    ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast (as eqm.generate.generate)."""
+    from .generate import _autocast, sample_noise
     from .sampler import sample
 
     if num_samples < 1 or (batch_size is not None and batch_size < 1):
@@ -94,8 +95,9 @@ def generate_images(
     for start in range(0, num_samples, bs):
         stop = min(num_samples, start + bs)
         y = None if labels is None else labels[start:stop].to(device)
-        res = sample(model, noise[start:stop].to(device), None, y, method=method, steps=steps, step_size=step_size,
-                     momentum=momentum, cfg_scale=cfg_scale, guidance_channels=guidance_channels, tol=tol)
+        with _autocast(device, dtype):
+            res = sample(model, noise[start:stop].to(device), None, y, method=method, steps=steps, step_size=step_size,
+                         momentum=momentum, cfg_scale=cfg_scale, guidance_channels=guidance_channels, tol=tol)
         x = res.x.float()
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size")
@@ -151,7 +153,7 @@ def sample_official(
     ckpt, out_dir, *, weights: str = "ema", vae_path=None, num_samples: int = 8, labels: Optional[str] = None,
     cfg_scale: float = 1.0, guidance_channels: Optional[int] = None, method: str = "gd", steps=None,
     step_size=None, momentum=None, tol: Optional[float] = None, seed: int = 0, batch_size: Optional[int] = None,
-    device="cpu", grid: bool = True, progress: Optional[Callable[[int], None]] = None,
+    device="cpu", dtype: Optional[str] = None, grid: bool = True, progress: Optional[Callable[[int], None]] = None,
 ):
     """What `eqmctl sample --ckpt official.pt` does: load, sample, decode, write.
 
@@ -172,7 +174,7 @@ def sample_official(
     settings = paper_settings(method, steps, step_size, momentum)
     gen = generate_images(model, num_samples=num_samples, labels=y, cfg_scale=cfg_scale if y is not None else 1.0,
                           guidance_channels=guidance_channels, method=method, tol=tol, seed=seed,
-                          batch_size=batch_size, vae=vae, progress=progress, **settings)
+                          batch_size=batch_size, vae=vae, dtype=dtype, progress=progress, **settings)
     meta = {"checkpoint": str(ckpt), "weights": loaded.weights, "args": {k: str(v) for k, v in loaded.args.items()},
             "vae": None if vae is None else vae.identity.to_dict()}
     return write_images(gen, out_dir, grid=grid, meta=meta), gen, loaded

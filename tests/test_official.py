@@ -371,9 +371,9 @@ def test_sample_official_pt_writes_decoded_pngs_and_a_grid(official, tmp_path):
     out = tmp_path / "imgs"
     res = CliRunner().invoke(app, ["sample", "--ckpt", str(path), "--vae", str(vae_dir), "-N", "3", "--labels", "2,7",
                                    "--sampler", "nag", "--steps", "3", "--step-size", "0.01", "--cfg-scale", "1.5",
-                                   "--cfg-channels", "3", "--out", str(out)])
+                                   "--cfg-channels", "3", "--fps", "24", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "3 images" in res.output and "cfg 1.5 on 3 channels" in res.output
+    assert "3 images" in res.output and "cfg 1.5 on 3 channels" in res.output and "--fps ignored" in res.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["image_00000.png", "image_00001.png", "image_00002.png", "image_grid.png", "images.json"]
     assert Image.open(out / "image_00001.png").size == (64, 64)  # 8x8 latents through the 8x VAE

@@ -51,11 +51,14 @@ def sample(
         from eqm.official import is_official_file
 
         if ckpt is not None and is_official_file(ckpt):
+            ignored = [flag for flag, v in (("--fps", fps), ("--frames", frames), ("--seconds", seconds)) if v is not None]
+            if ignored:
+                warn(f"{', '.join(ignored)} ignored: {ckpt} is an image model (T = 1)")
             return _sample_official(
                 ckpt, out, weights="ema" if ema else "model", vae_path=vae, num_samples=num_samples, labels=labels,
                 cfg_scale=1.0 if cfg_scale is None else cfg_scale, guidance_channels=cfg_channels, method=sampler,
                 steps=steps, step_size=step_size, momentum=momentum, tol=tol or None, seed=seed,
-                batch_size=batch_size, device=device, json_out=json_out,
+                batch_size=batch_size, device=device, dtype=dtype, json_out=json_out,
             )
         from eqm.checkpoint import load_model, resolve_checkpoint
         from eqm.errors import EqmError, NonFiniteError
