@@ -42,6 +42,9 @@ app.command("retime")(_retime.retime)
 from eqmctl.commands import cache as _cache  # noqa: E402
 
 app.command("cache")(_cache.cache)
+from eqmctl.commands import calibrate as _calibrate  # noqa: E402
+
+app.command("calibrate")(_calibrate.calibrate)
 # --- end of command registration ----------------------------------------------------------
 
 
