@@ -265,6 +265,8 @@ def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float
     labels, n = generation_labels(int(model.num_classes), samples)
     gen = generate(model, fps=rate, num_frames=frames, num_samples=n, labels=labels, cfg_scale=cfg_scale,
                    seed=seed, batch_size=batch_size, **sampler)
+    if gen.videos.shape[1] != 3:
+        raise EqmError(f"calibration measures RGB frames; this model generates {gen.videos.shape[1]}-channel latents")
     return measure_clips(gen.videos, gen.timestamps, labels, gap), frames, beyond
 
 
@@ -309,6 +311,7 @@ class Calibration:
         return min(self.cfg_scales, key=self.worst_error)
 
     def to_dict(self) -> dict:
+        from .jsonio import finite
         from .timebase import format_fps
 
         results = []
@@ -329,18 +332,7 @@ class Calibration:
             "results": results, "worst_error": {f"{s:g}": self.worst_error(s) for s in self.cfg_scales},
             "best_cfg_scale": self.best_cfg_scale, "warnings": self.warnings,
         }
-        return _finite(doc)
-
-
-def _finite(x):
-    """NaN / inf -> None, recursively: JSON has no such numbers."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+        return finite(doc)
 
 
 def parse_rates(rates: Union[str, Sequence]) -> list[Fraction]:
@@ -448,6 +440,8 @@ def plot_calibration(cal: Calibration, path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
+    from . import fsio
+
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     xs = [float(r) for r in cal.rates]
@@ -471,25 +465,21 @@ def plot_calibration(cal: Calibration, path: Path) -> Path:
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    with fsio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
 def write_calibration(cal: Calibration, out_dir) -> tuple[Path, Path]:
-    """calibration.json and calibration.png in ``out_dir`` (created); returns their paths."""
-    import json
-
-    from .generate import _write_json_atomic
+    """calibration.json (standard JSON: unmeasurable numbers are null) and calibration.png in
+    ``out_dir`` (created), each written atomically; returns their paths."""
+    from . import fsio
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EqmError(f"output path {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    doc = cal.to_dict()
-    json.dumps(doc, allow_nan=False)  # valid JSON or an error before anything is written
-    _write_json_atomic(out / "calibration.json", doc)
+    fsio.write_json(out / "calibration.json", cal.to_dict())
     return out / "calibration.json", plot_calibration(cal, out / "calibration.png")
 
 
