@@ -22,7 +22,7 @@ import torch
 
 from . import fsio
 from .errors import EqmError, NonFiniteError
-from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
+from .timebase import format_fps, frames_for_duration, parse_fps
 
 FORMATS = ("mp4", "mkv", "gif")
 
@@ -46,6 +46,7 @@ class Generation:
     timestamps: torch.Tensor
     fps: Fraction
     settings: dict = field(default_factory=dict)
+    latent_timestamps: Optional[torch.Tensor] = None  # (T',) seconds, in latent space: what the model saw
 
     @property
     def num_frames(self) -> int:
@@ -157,23 +158,32 @@ def trained_span(model, recipe: Optional[dict]) -> Optional[TrainedSpan]:
 
 
 def plan_frames(model, recipe: Optional[dict], fps, frames: Optional[int] = None,
-                seconds: Optional[float] = None) -> tuple[int, Optional[str]]:
+                seconds: Optional[float] = None, *, temporal: int = 1) -> tuple[int, Optional[str]]:
     """Frames of a clip for ``eqmctl sample`` and a warning if the clip leaves the trained span.
 
     --frames / --seconds are taken as given (with a warning when they reach past the span).
     Without them the default is the model's training clip length, shortened at rates below the
     training range so that the clip stays within the seconds the model was trained on: a 6 fps
     request of a model trained on 11-frame clips at 8-30 fps gets 8 frames (1.17 s of the 1.25 s).
+    temporal: the VAE's temporal compression s of a latent-space model (frames then come in s*k + 1:
+    the default and --seconds are rounded to such a count, an explicit --frames must be one).
     """
-    tp = int(getattr(model, "temporal_patch", 1))
+    from .vae import check_num_frames, num_decoded_frames
+
+    tp = int(getattr(model, "temporal_patch", 1)) if temporal == 1 else 1
+    limit = num_decoded_frames(int(model.num_frames), temporal)
     span = trained_span(model, recipe)
     if frames is None and seconds is None and span is not None:
-        n = span.frames_within(parse_fps(fps), int(model.num_frames))
+        n = span.frames_within(parse_fps(fps), limit)
         if tp > 1:
             n = max(tp, n - n % tp)
+        n = 1 + (n - 1) // temporal * temporal
         T = resolve_num_frames(fps, frames=n, temporal_patch=tp)
     else:
-        T = resolve_num_frames(fps, frames, seconds, default=model.num_frames, temporal_patch=tp)
+        T = resolve_num_frames(fps, frames, seconds, default=limit, temporal_patch=tp)
+        if frames is None:
+            T = 1 + round((T - 1) / temporal) * temporal
+        check_num_frames(T, temporal, what="--frames")
     return T, (span.beyond(parse_fps(fps), T) if span is not None else None)
 
 
@@ -294,14 +304,18 @@ def generate(
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
     progress: Optional[Callable[[int], None]] = None,
+    vae=None,
 ) -> Generation:
     """Sample ``num_samples`` clips of ``num_frames`` frames at timestamps k / fps.
 
     Batches of ``batch_size`` (default: all at once) go through :func:`eqm.sampler.sample`;
     ``progress(n)`` is called with the number of samples finished after each batch.
     ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast.  guidance_channels: see eqm.sampler.sample.
+    vae (an eqm.vae.Vae): a latent-space model; the latents of those frames are sampled at the
+    latent timestamps of k / fps (eqm.vae.plan_latents) and decoded.
     """
     from .sampler import default_sampler_settings, sample
+    from .vae import plan_latents
 
     fps = parse_fps(fps)
     if num_samples < 1:
@@ -320,8 +334,9 @@ def generate(
     device = next(model.parameters()).device
     C = model.in_channels
     H, W = model.input_size
-    ts = uniform_timestamps(num_frames, fps).to(torch.float32)
-    noise = sample_noise(num_samples, (C, num_frames, H, W), seed)
+    plan = plan_latents(fps, num_frames, 1 if vae is None else vae.temporal)
+    ts = plan.latent_timestamps
+    noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)
     bs = num_samples if batch_size is None else batch_size
 
     outs, evals, rms = [], [], []
@@ -339,15 +354,17 @@ def generate(
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"sampling diverged (non-finite values) with step size {step_size}; "
                                  "try a smaller --step-size")
-        outs.append(x.clamp(-1, 1))
+        outs.append((x if vae is None else vae.decode(x)).clamp(-1, 1))
         evals.append(res.evals.cpu())
         rms.append(res.final_rms.float().cpu())
         if progress is not None:
             progress(stop)
     return Generation(
-        videos=torch.cat(outs), labels=labels, evals=torch.cat(evals), final_rms=torch.cat(rms), timestamps=ts,
-        fps=fps, settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol,
-                               cfg_scale=cfg_scale, guidance_channels=guidance_channels, seed=seed),
+        videos=torch.cat(outs), labels=labels, evals=torch.cat(evals), final_rms=torch.cat(rms),
+        timestamps=plan.frame_timestamps, fps=fps,
+        settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol,
+                      cfg_scale=cfg_scale, guidance_channels=guidance_channels, seed=seed),
+        latent_timestamps=None if vae is None else ts,
     )
 
 
@@ -449,6 +466,8 @@ def write_generation(
         "num_frames": gen.num_frames,
         "duration": gen.duration,
         "timestamps": [round(float(t), 9) for t in gen.timestamps],
+        **({} if gen.latent_timestamps is None
+           else {"latent_timestamps": [round(float(t), 9) for t in gen.latent_timestamps]}),
         "settings": gen.settings,
         **(meta or {}),
         "samples": [

@@ -75,6 +75,17 @@ class LatentSpace:
         return self._vae.decode(latents)
 
 
+def checkpoint_vae(state: dict, path=None, device="cpu", where: str = "checkpoint") -> Optional[Vae]:
+    """The VAE that decodes a checkpoint's samples (state.json's "vae"), loaded from ``path`` (e.g.
+    --vae) or the recorded folder; None for a pixel model (EqmError if a path was given for one)."""
+    rec = state.get("vae")
+    if not rec:
+        if path is not None:
+            raise EqmError(f"{where} is a pixel-space model (trained without a VAE): --vae does not apply")
+        return None
+    return LatentSpace.from_record(rec, where).vae(path, device)
+
+
 def cache_space(dataset, recipe: Recipe) -> LatentSpace:
     """The latent space of a cache dataset; EqmError when the recipe names another VAE."""
     info = dataset.info
@@ -135,4 +146,4 @@ def model_batch(space: Optional[LatentSpace], batch: dict, device, generator: to
     return sample_posterior(mean.to(device), logvar.to(device), generator), vae.latent_timestamps(ts)
 
 
-__all__ = ["LatentSpace", "training_space", "cache_space", "model_input_shape", "model_batch", "adopt_cache_clip_shape"]
+__all__ = ["LatentSpace", "checkpoint_vae", "training_space", "cache_space", "model_input_shape", "model_batch", "adopt_cache_clip_shape"]

@@ -77,6 +77,18 @@ def test_on_the_fly_encoding_through_a_video_vae(vaes, tmp_path):
     state = state_of(tmp_path / "run")
     assert state["arch"]["num_frames"] == 3 and state["vae"]["temporal"] == 4
     assert read_video(next((tmp_path / "run" / "previews").glob("*.mp4"))).frames.shape[0] == 5
+    out = tmp_path / "samples"  # --seconds 0.3 at 30 fps is 9 frames: 3 latents, decoded to 4k+1 = 9 frames
+    res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--fps", "30", "--seconds", "0.3", "-N", "1",
+                              "--steps", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    video = read_video(next(out.glob("*.mp4")))
+    assert video.frames.shape[0] == 9 and video.fps == 30
+    doc = json.loads((out / "samples.json").read_text())
+    ts = doc["timestamps"]
+    assert doc["latent_timestamps"] == pytest.approx([0, sum(ts[1:5]) / 4, sum(ts[5:9]) / 4])
+    res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--fps", "30", "--frames", "8", "-N", "1",
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "4k+1 frames (e.g. 5 or 9)" in res.output
     res = runner.invoke(app, ["train", str(TINY), *FAST, *PIXELS, "data.num_frames=6", f"vae.path={vaes[1]}", "--validate"])
     assert res.exit_code == 2 and "needs 4k+1 frames (e.g. 5 or 9)" in res.output
 
@@ -99,3 +111,35 @@ def test_latent_recipes_say_what_to_download_and_build_with_their_vae_kind(name,
         args = [f"vae.path={vaes[0]}", f"data.latents={cache}"]
     res = runner.invoke(app, ["train", str(path), *args, *small])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("fps,frames", [("30000/1001", 7), (60, 12)])
+def test_sample_decodes_with_the_checkpoints_vae_at_the_exact_rate(cache_run, vaes, tmp_path, fps, frames):
+    import av
+
+    out = tmp_path / "samples"
+    res = runner.invoke(app, ["sample", "--ckpt", str(cache_run), "--fps", str(fps), "--frames", str(frames),
+                              "-N", "2", "--steps", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    files = sorted(out.glob("*.mp4"))
+    assert len(files) == 2
+    with av.open(str(files[0])) as c:
+        stream = c.streams.video[0]
+        assert str(stream.average_rate) == str(fps)
+        n = sum(1 for _ in c.decode(stream))
+    assert n == frames and read_video(files[0]).frames.shape[1:3] == (32, 32)
+    doc = json.loads((out / "samples.json").read_text())
+    assert doc["vae"]["class_name"] == "AutoencoderKL" and doc["latent_timestamps"] == doc["timestamps"]
+
+
+def test_sample_with_a_moved_or_wrong_vae_folder(cache_run, vaes, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved-vae"
+    shutil.copytree(vaes[0], moved)
+    res = runner.invoke(app, ["sample", "--ckpt", str(cache_run), "--fps", "24", "--frames", "3", "-N", "1",
+                              "--steps", "2", "--vae", str(moved), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["sample", "--ckpt", str(cache_run), "--fps", "24", "-N", "1", "--vae", str(vaes[1]),
+                              "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "is not the one these latents were made with" in res.output

@@ -26,7 +26,7 @@ def sample(
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler; the paper's 0.003 GD / 0.0017 NAG for an official .pt)."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="NAG momentum mu (default 0.3)."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Adaptive stop: a sample stops when the RMS of its gradient falls below this; 0 = always run all steps (default 0.01; 0 for an official .pt, as the paper samples)."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (official EqM: stabilityai/sd-vae-ft-ema)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (default for an eqmctl latent checkpoint: the folder it recorded, which must hold the same VAE; official EqM: stabilityai/sd-vae-ft-ema)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed; sample i always gets the same noise for a given seed."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", file_okay=False, help="Output folder."),
@@ -87,7 +87,11 @@ def sample(
         if ema and not str(state["weights"]).endswith("ema.safetensors"):
             warn(f"{path} has no EMA weights; using the raw weights")
         class_names = list(state.get("class_names") or [])
-        T, beyond = plan_frames(model, state.get("recipe"), rate, frames, seconds)
+        from eqm.latent import checkpoint_vae
+
+        decoder = checkpoint_vae(state, vae, dev, where=str(path))
+        T, beyond = plan_frames(model, state.get("recipe"), rate, frames, seconds,
+                                temporal=1 if decoder is None else decoder.temporal)
         if beyond:
             warn(beyond)
         y = parse_labels(labels, model.num_classes, num_samples, class_names)
@@ -108,6 +112,7 @@ def sample(
                 model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, cfg_scale=cfg_scale,
                 method=sampler, steps=steps, step_size=step_size, momentum=momentum, tol=tol or None,
                 guidance_channels=cfg_channels, seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
+                vae=decoder,
             )
         except NonFiniteError as e:  # the model is what broke: name its checkpoint
             raise NonFiniteError(f"checkpoint {path}: {e}") from None
@@ -117,7 +122,8 @@ def sample(
         summary = write_generation(
             gen, out, fmt=fmt, png=png, grid=grid, scale=upscale, class_names=class_names,
             meta={"checkpoint": str(path), "step": state.get("step"), "weights": "ema" if ema else "raw",
-                  "time_mode": getattr(model, "time_mode", None)},
+                  "time_mode": getattr(model, "time_mode", None),
+                  "vae": None if decoder is None else decoder.identity.to_dict()},
         )
         for w in summary.warnings:
             warn(w)
