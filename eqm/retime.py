@@ -337,6 +337,7 @@ def interpolate_frames(
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    vae=None,
 ) -> Interpolation:
     """Raise the frame rate of uint8 frames (T, H, W, 3) shown at ``pts`` to ``fps`` with the model.
 
@@ -349,6 +350,8 @@ def interpolate_frames(
     further apart; a multiple of the model's temporal patch).  label: class id for a
     class-conditional model (None: the null label, i.e. unconditional).  Sampler options as in
     :func:`eqm.sampler.sample`.  progress(done, total) is called after each window batch.
+    vae: the per-frame VAE (eqm.vae.Vae) of a latent-space model: originals are encoded and
+    clamped in latent space, in-betweens decoded (:func:`check_retime_vae` says which VAEs work).
     """
     import torch
 
@@ -362,10 +365,7 @@ def interpolate_frames(
     if pts.shape != (frames.shape[0],):
         raise EqmError(f"need one pts per frame: {frames.shape[0]} frames, pts shape {tuple(pts.shape)}")
     fps = _rate(fps)
-    if model.in_channels != 3:
-        raise EqmError(
-            f"--mode model needs a pixel-space RGB model (3 input channels); this checkpoint has {model.in_channels}"
-        )
+    check_retime_vae(model, vae)
     tp = int(getattr(model, "temporal_patch", 1))
     if window is not None and (isinstance(window, bool) or int(window) != window):
         raise EqmError(f"--window must be a whole number of frames, got {window!r}")
@@ -418,15 +418,17 @@ def interpolate_frames(
         notices.append(f"the input already has a frame at every output time at {format_fps(fps)} fps: nothing to generate")
     n_total = max([n_out] + [w.start + L for w in wins])  # windows may run past the end: extra slots are discarded
     h, w_ = model.input_size
+    C = model.in_channels
+    px = (h, w_) if vae is None else (h * vae.spatial, w_ * vae.spatial)  # the model's frame size in pixels
     device = next(model.parameters()).device
 
-    # Model-resolution values of every decided slot (originals resized, then generated frames),
-    # the source of each window's clamped frames.
-    buf = torch.zeros((n_total, 3, h, w_), dtype=torch.float32)
+    # Model-space values (pixels, or latents of a VAE) of every decided slot (originals resized
+    # and encoded, then generated frames), the source of each window's clamped frames.
+    buf = torch.zeros((n_total, C, h, w_), dtype=torch.float32)
     done = np.zeros(n_total, dtype=bool)
     for a in range(0, len(slots), 64):  # chunks: the float copy of a whole video at full size is big
-        chunk = from_uint8(frames[a : a + 64]).permute(1, 0, 2, 3)  # (N, 3, H, W)
-        buf[slots[a : a + 64]] = _resize(chunk, (h, w_)).clamp(-1, 1)
+        chunk = _resize(from_uint8(frames[a : a + 64]).permute(1, 0, 2, 3), px).clamp(-1, 1)  # (N, 3, ph, pw)
+        buf[slots[a : a + 64]] = chunk if vae is None else vae.encode(chunk.permute(1, 0, 2, 3)[None])[0].permute(1, 0, 2, 3).cpu()
     done[slots] = True
 
     source = np.full(n_out, -1, dtype=np.int64)
@@ -435,7 +437,7 @@ def interpolate_frames(
     out[slots] = frames
 
     ts = uniform_timestamps(L, fps, dtype=torch.float32).to(device)
-    noise = sample_noise(len(wins), (3, L, h, w_), seed)
+    noise = sample_noise(len(wins), (C, L, h, w_), seed)
     y_all = None if label is None else torch.full((len(wins),), int(label), dtype=torch.long)
     evals = [0] * len(wins)
     anchored = [i for i, win in enumerate(wins) if not win.chained]
@@ -460,7 +462,8 @@ def interpolate_frames(
             raise EqmError(
                 f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size", exit_code=1
             )
-        x = x.clamp(-1, 1)
+        if vae is None:
+            x = x.clamp(-1, 1)
         for b, i in enumerate(group):
             win = wins[i]
             evals[i] = int(res.evals[b])
@@ -468,10 +471,11 @@ def interpolate_frames(
             if not keep:
                 continue
             rel = torch.tensor([k - win.start for k in keep])
-            gen = x[b][:, rel]  # (3, K, h, w) model resolution
+            gen = x[b][:, rel]  # (C, K, h, w) model space
             buf[keep] = gen.permute(1, 0, 2, 3)
             done[keep] = True
-            full = _resize(gen.permute(1, 0, 2, 3), (H, W)).clamp(-1, 1)  # back to the video's size
+            pix = gen if vae is None else vae.decode(gen[None])[0]  # (3, K, ph, pw)
+            full = _resize(pix.permute(1, 0, 2, 3), (H, W)).clamp(-1, 1)  # back to the video's size
             out[keep] = to_uint8(full.permute(1, 0, 2, 3))
         finished += n
         if progress is not None:
@@ -481,6 +485,25 @@ def interpolate_frames(
     return Interpolation(
         frames=out, times=output_times(n_out, fps), source=source, evals=evals, windows=wins, notices=notices,
     )
+
+
+def check_retime_vae(model, vae) -> None:
+    """EqmError unless ``model`` can make in-betweens: a pixel RGB model, or a latent model with
+    its per-frame VAE. A temporally compressing VAE is refused: one latent frame stands for
+    several frames, so an original can neither be kept and clamped on its own nor an in-between
+    be placed at its own timestamp."""
+    if vae is None:
+        if model.in_channels != 3:
+            raise EqmError(f"this model works in a VAE's latent space ({model.in_channels} channels): retime needs "
+                           f"its VAE (recorded in the checkpoint; --vae PATH if the folder moved)")
+        return
+    if vae.temporal > 1:
+        raise EqmError(f"--mode model needs a per-frame VAE, and this model's ({vae.describe()}) turns {vae.temporal} "
+                       f"frames into one latent frame, so original frames cannot be kept and clamped one by one; "
+                       f"use --mode resample, or a model trained through a per-frame VAE such as SD-VAE")
+    if vae.latent_channels != model.in_channels:
+        raise EqmError(f"the VAE {vae.identity.describe()} makes {vae.latent_channels}-channel latents, the model takes "
+                       f"{model.in_channels}")
 
 
 # =============================================================================================
@@ -529,11 +552,13 @@ def retime_video(
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    vae=None,
 ) -> RetimeResult:
     """Read ``src`` (any file PyAV decodes), change its rate to ``fps`` by ``mode`` and write ``dst``.
 
     mode: "resample" (``blend`` for linear blending), "speed", or "model" (needs ``model``, an
-    EqMTransformer; window / label / sampler options go to :func:`interpolate_frames`).
+    EqMTransformer; window / label / sampler options and a latent model's ``vae`` go to
+    :func:`interpolate_frames`).
     The output format follows dst's suffix (.mp4 / .mkv / .gif); crf / codec go to the writer.
     Audio is dropped with a notice.  Raises EqmError (exit code 2) for bad input before writing
     anything; the output is written atomically.
@@ -545,6 +570,8 @@ def retime_video(
     fps_out = parse_fps(fps, name="--fps")
     if mode == "model" and model is None:
         raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH")
+    if mode == "model":
+        check_retime_vae(model, vae)  # before reading the input: a refusal costs nothing
     src, dst = check_paths(src, dst)
 
     video = read_video(src)
@@ -575,7 +602,7 @@ def retime_video(
         res = interpolate_frames(
             model, video.frames, video.pts, fps_out, duration=duration_in, vfr=vfr, fps_in=fps_in, window=window,
             label=label, method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol, seed=seed,
-            batch_size=batch_size, dtype=dtype, progress=progress,
+            batch_size=batch_size, dtype=dtype, progress=progress, vae=vae,
         )
         out = res.frames
         notices.extend(res.notices)

@@ -89,6 +89,11 @@ def test_on_the_fly_encoding_through_a_video_vae(vaes, tmp_path):
     res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--fps", "30", "--frames", "8", "-N", "1",
                               "--out", str(out)])
     assert res.exit_code == 2 and "4k+1 frames (e.g. 5 or 9)" in res.output
+    clip = next(out.glob("*.mp4"))  # retime --mode model refuses a temporally compressing VAE, in one line
+    res = runner.invoke(app, ["retime", str(clip), "--fps", "60", "--mode", "model", "--ckpt", str(tmp_path / "run"),
+                              "--out", str(tmp_path / "r.mp4")])
+    assert res.exit_code == 2 and "needs a per-frame VAE" in res.output and "--mode resample" in res.output
+    assert not (tmp_path / "r.mp4").exists()
     res = runner.invoke(app, ["train", str(TINY), *FAST, *PIXELS, "data.num_frames=6", f"vae.path={vaes[1]}", "--validate"])
     assert res.exit_code == 2 and "needs 4k+1 frames (e.g. 5 or 9)" in res.output
 
@@ -143,3 +148,22 @@ def test_sample_with_a_moved_or_wrong_vae_folder(cache_run, vaes, tmp_path):
     res = runner.invoke(app, ["sample", "--ckpt", str(cache_run), "--fps", "24", "-N", "1", "--vae", str(vaes[1]),
                               "--out", str(tmp_path / "s")])
     assert res.exit_code == 2 and "is not the one these latents were made with" in res.output
+
+
+def test_retime_model_mode_through_a_per_frame_vae(cache_run, tmp_path):
+    """Originals encoded and clamped in latent space, in-betweens decoded: 12 -> 24 fps doubles
+    the frames, keeps the duration and plays at exactly 24 fps."""
+    import numpy as np
+
+    from eqm.video.io import write_video
+
+    src = tmp_path / "in.mp4"
+    frames = (np.random.default_rng(0).random((4, 40, 48, 3)) * 255).astype(np.uint8)
+    write_video(src, frames, 12)
+    res = runner.invoke(app, ["retime", str(src), "--fps", "24", "--mode", "model", "--ckpt", str(cache_run),
+                              "--steps", "2", "--out", str(tmp_path / "out.mp4"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    assert (doc["frames_in"], doc["frames_out"], doc["generated"]) == (4, 8, 4)
+    video = read_video(tmp_path / "out.mp4")
+    assert video.fps == 24 and video.frames.shape == (8, 40, 48, 3)

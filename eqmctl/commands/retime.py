@@ -23,6 +23,7 @@ def retime(
     ),
     blend: bool = typer.Option(False, "--blend", help="resample: blend the two neighbouring frames by time instead of taking the nearest."),
     ckpt: Optional[str] = typer.Option(None, "--ckpt", metavar="CKPT|RUN", help="model: checkpoint directory or run directory (its latest checkpoint)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="model: folder of a latent model's VAE when it moved (default: the one the checkpoint recorded; must be a per-frame VAE)."),
     window: Optional[int] = typer.Option(None, "--window", help="model: output frames per model call (default: the model's clip length)."),
     label: Optional[str] = typer.Option(None, "--label", help="model: class index or name for a class-conditional model (default: unconditional)."),
     sampler: str = typer.Option("gd", "--sampler", help="model: gd or nag."),
@@ -62,7 +63,7 @@ def retime(
             raise EqmError(f"video file not found: {input}")
         if blend and mode != "resample":
             warn("--blend only applies to --mode resample; ignored")
-        model_opts = {"--ckpt": ckpt, "--window": window, "--label": label, "--steps": steps, "--step-size": step_size}
+        model_opts = {"--ckpt": ckpt, "--vae": vae, "--window": window, "--label": label, "--steps": steps, "--step-size": step_size}
         if mode != "model":
             for name, v in model_opts.items():
                 if v is not None:
@@ -72,7 +73,7 @@ def retime(
         if mode == "model":
             if ckpt is None:
                 raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH (a checkpoint or run directory)")
-            model, state, kwargs = _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype)
+            model, state, kwargs = _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype, vae)
 
         bar, progress_cb = None, None
         if mode == "model" and is_tty() and not json_out:
@@ -110,8 +111,8 @@ def retime(
         _print_summary(input, res, blend and mode == "resample", state)
 
 
-def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype):
-    """Validate the sampler options, load the model and turn --label into a class id."""
+def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype, vae):
+    """Validate the sampler options, load the model (and a latent model's VAE) and turn --label into a class id."""
     from eqm.checkpoint import load_model, resolve_checkpoint
     from eqm.errors import EqmError
     from eqm.generate import check_sampler_options, parse_labels, resolve_device
@@ -132,8 +133,11 @@ def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, wi
         if model.num_classes <= 0:
             raise EqmError("--label given but the model was trained without classes")
         y = int(parse_labels(label, model.num_classes, 1, list(state.get("class_names") or []), flag="--label")[0])
+    from eqm.latent import checkpoint_vae
+
     kwargs = dict(window=window, label=y, method=sampler, steps=steps, step_size=step_size, momentum=momentum,
-                  tol=tol or None, seed=seed, batch_size=batch_size, dtype=dtype)
+                  tol=tol or None, seed=seed, batch_size=batch_size, dtype=dtype,
+                  vae=checkpoint_vae(state, vae, dev, where=str(path)))
     return model, state, kwargs
 
 
