@@ -135,8 +135,17 @@ def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "r
 
 
 def run_dir_of(ckpt: PathLike) -> Path:
-    """The run directory a checkpoint belongs to (run_dir/checkpoints/step_X -> run_dir)."""
-    return Path(ckpt).parent.parent
+    """The run directory a checkpoint belongs to (run_dir/checkpoints/step_X -> run_dir; also for
+    one moved aside to run_dir/checkpoints/abandoned-<time>/step_X)."""
+    parent = Path(ckpt).parent
+    if parent.name.startswith("abandoned-"):
+        parent = parent.parent
+    return parent.parent
+
+
+def checkpoint_step(ckpt: PathLike) -> Optional[int]:
+    """The step in a checkpoint directory's name (step_XXXXXXX), or None."""
+    return _step_of(Path(ckpt))
 
 
 # ============================================================================================
@@ -250,11 +259,13 @@ def save_checkpoint(
     return final
 
 
-def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints; returns the removed paths."""
+def prune_checkpoints(run_dir: PathLike, keep_last: int, *, protect: Optional[PathLike] = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints, never ``protect``; returns the removed paths."""
     ckpts = list_checkpoints(run_dir)
     removed = []
     for old in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if protect is not None and old == Path(protect):
+            continue
         trash = old.parent / f".trash-{old.name}-{os.getpid()}"
         os.rename(old, trash)  # hidden first: never a half-deleted checkpoint with a state.json
         shutil.rmtree(trash, ignore_errors=True)

@@ -189,6 +189,15 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "cosine schedule: final lr as a fraction of lr")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = no clipping; the norm is logged anyway)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    diverge_loss: float = _f(
+        10.0, "stop the run (without applying the step) when a step's loss exceeds this multiple of its running "
+        "level, the geometric mean of the healthy steps so far; NaN/inf always stops it; 0 = only NaN/inf",
+    )
+    diverge_grad_norm: float = _f(
+        100.0, "the same for the gradient norm (before clipping), checked from step diverge_warmup on (healthy "
+        "gradient norms rise and jump by 10x early on); 0 = only NaN/inf",
+    )
+    diverge_warmup: int = _f(50, "healthy steps before the gradient-norm check starts (the loss is checked from the second step)")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer step (0 = EMA equals the model); in [0, 1)")
     time_shift: float = _f(
         0.0,
@@ -202,7 +211,7 @@ class TrainConfig:
     seed: int = _f(0, "global seed: model init, data order and noise are deterministic functions of (seed, step, rank)")
     log_every: int = _f(10, "write a metrics.jsonl line / log line every N steps")
     ckpt_every: int = _f(1000, "save a checkpoint every N steps (the last step is always saved)")
-    keep_last: int = _f(3, "keep only the newest N checkpoints (0 = keep all)")
+    keep_last: int = _f(3, "keep only the newest N checkpoints (0 = keep all); while training, also the newest one followed by a healthy step")
     preview_every: int = _f(0, "write a preview MP4 sampled from the EMA model every N steps and at the end (0 = never)")
     preview_fps: Union[float, str] = _f(24.0, "frame rate of preview clips (timestamps k/fps; '30000/1001' and 29.97 are exact)")
     preview_frames: Optional[int] = _f(None, "frames per preview clip; null = data.num_frames")
@@ -523,6 +532,10 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    for key in ("diverge_loss", "diverge_grad_norm"):
+        v = getattr(tr, key)
+        need(math.isfinite(v) and (v == 0 or v > 1), f"train.{key}", "must be 0 (off) or a factor > 1")
+    need(tr.diverge_warmup >= 0, "train.diverge_warmup", "must be >= 0")
     need(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     need(math.isfinite(tr.time_shift) and tr.time_shift >= 0, "train.time_shift", "must be a number of seconds >= 0")
     need(tr.seed >= 0, "train.seed", "must be >= 0")

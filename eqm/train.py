@@ -3,9 +3,11 @@
 ``train(recipe, run_dir=None, resume=None)`` is the whole thing; ``eqmctl train`` is a thin CLI
 over it, and the same call works in a plain process, or under ``accelerate launch`` with several
 processes, GPUs or nodes (DDP through Accelerate).  Randomness is a function of (seed, step,
-micro-batch, rank), so a resumed run ends with the weights of an uninterrupted one; a NaN or inf
-loss or gradient stops the run before the step is applied; only the main process writes the run
-directory (:mod:`eqm.rundir`).  Each design point and its reason: docs/design.md#training-loop.
+micro-batch, rank), so a resumed run ends with the weights of an uninterrupted one; a loss or
+gradient norm that is NaN/inf or far above its running level (:class:`DivergenceGuard`) stops the
+run before the step is applied, naming a checkpoint whose weights still gave a healthy loss; only
+the main process writes the run directory (:class:`eqm.rundir.RunDir`), which it locks for the
+whole run.  Each design point and its reason: docs/design.md#training-loop.
 """
 
 from __future__ import annotations
@@ -284,6 +286,69 @@ class EMA:
         for e, c in zip(ema, cur):
             if not e.is_floating_point():
                 e.copy_(c)
+
+
+@dataclass
+class DivergenceGuard:
+    """Tells a diverging optimizer step from a healthy one, before the step is applied.
+
+    A step diverges when its loss or gradient norm is NaN/inf, or when it exceeds ``loss_factor``
+    (``grad_factor``) times its running level: the geometric mean of the healthy steps so far,
+    weighted towards the last ~50.  The loss is compared from the second step on (it only falls
+    from its initial value in healthy training); the gradient norm, whose healthy values rise
+    and jump by 10x early on, after ``warmup`` healthy steps.  A factor of 0 turns that
+    comparison off.  ``check_grad=False`` (fp16: its GradScaler skips steps with inf gradients by
+    design) ignores the gradient norm.  Only healthy steps move the levels; checkpoints save them
+    (:meth:`state`), so a resumed run judges its first step by the levels it had.
+    """
+
+    loss_factor: float = 10.0
+    grad_factor: float = 100.0
+    warmup: int = 50
+    check_grad: bool = True
+    steps: int = 0
+    log_loss: Optional[float] = None
+    log_grad: Optional[float] = None
+
+    DECAY = 0.98
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, saved: Optional[dict] = None) -> "DivergenceGuard":
+        t = recipe.train
+        guard = cls(t.diverge_loss, t.diverge_grad_norm, t.diverge_warmup, check_grad=t.mixed_precision != "fp16")
+        if isinstance(saved, dict):
+            guard.steps = int(saved.get("steps", 0))
+            guard.log_loss, guard.log_grad = saved.get("log_loss"), saved.get("log_grad")
+        return guard
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "log_loss": self.log_loss, "log_grad": self.log_grad}
+
+    @property
+    def loss_level(self) -> Optional[float]:
+        return None if self.log_loss is None else math.exp(self.log_loss)
+
+    def verdict(self, loss: float, grad_norm: float) -> Optional[str]:
+        """None for a healthy step (and the levels move), else what is wrong with it."""
+        if not math.isfinite(loss):
+            return f"loss {loss}"
+        if self.check_grad and not math.isfinite(grad_norm):
+            return f"gradient norm {grad_norm}"
+        checks = [("loss", loss, self.log_loss, self.loss_factor)]
+        if self.check_grad and self.steps >= self.warmup:
+            checks.append(("gradient norm", grad_norm, self.log_grad, self.grad_factor))
+        for name, value, level, factor in checks:
+            if factor > 0 and level is not None and value > factor * math.exp(level):
+                return (f"{name} {value:.4g} is {value / math.exp(level):.3g} times its running level "
+                        f"{math.exp(level):.4g} (train.diverge_{'loss' if name == 'loss' else 'grad_norm'}={factor:g})")
+        self.log_loss = self._move(self.log_loss, loss)
+        self.log_grad = self._move(self.log_grad, grad_norm) if math.isfinite(grad_norm) else self.log_grad
+        self.steps += 1
+        return None
+
+    def _move(self, level: Optional[float], value: float) -> float:
+        v = math.log(max(value, 1e-30))
+        return v if level is None else self.DECAY * level + (1.0 - self.DECAY) * v
 
 
 def check_tracker(backend: Optional[str]) -> Optional[str]:
@@ -596,20 +661,24 @@ def train(
     t0 = time.time()
     accelerator = _build_accelerator(recipe, Path(run_dir) if run_dir is not None else None, warn)
     plan = _plan(accelerator, recipe, run_dir, resume, runs_root)
-    run = _setup_run(recipe, accelerator, plan, warn)
-    if plan.resume_ckpt is not None:
-        _restore(run, plan.resume_ckpt, warn)
-    run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
-    run.raw_model = accelerator.unwrap_model(run.model)
-    reporter = _open_run_dir(run, log, warn)
-    loop = _Loop(run, reporter, t0)
     try:
-        loop.train()
+        run = _setup_run(recipe, accelerator, plan, warn)
+        if plan.resume_ckpt is not None:
+            _restore(run, plan.resume_ckpt, warn)
+        run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
+        run.raw_model = accelerator.unwrap_model(run.model)
+        reporter = _open_run_dir(run, log, warn)
+        loop = _Loop(run, reporter, t0)
+        try:
+            loop.train()
+        finally:
+            reporter.close()
+            if run.files is not None and run.log_with:
+                accelerator.end_training()
+        return _finish(run, loop, reporter, t0)
     finally:
-        reporter.close()
-        if run.files is not None and run.log_with:
-            accelerator.end_training()
-    return _finish(run, loop, reporter, t0)
+        if plan.files is not None:
+            plan.files.unlock()
 
 
 def _warn_stderr(msg: str) -> None:
@@ -618,21 +687,24 @@ def _warn_stderr(msg: str) -> None:
 
 @dataclass
 class _Plan:
-    """Where a run writes and which checkpoint it resumes, decided once on the main process."""
+    """Where a run writes and which checkpoint it resumes, decided once on the main process.
+    ``files``: the run directory, locked, on the main process; None on the other ranks."""
 
     run_dir: Path
     resume_ckpt: Optional[Path]
+    files: Optional[RunDir] = None
 
 
 def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root) -> _Plan:
-    """:func:`_plan_run` on the main process, broadcast to every rank (its error raised on all)."""
+    """:func:`_locked_plan` on the main process, broadcast to every rank (its error raised on all)."""
     from accelerate.utils import broadcast_object_list
 
     msg: list[Any] = [None, None, None]
+    files = None
     if accelerator.is_main_process:
         try:
-            rd, ck = _plan_run(recipe, run_dir, resume, runs_root)
-            msg = [str(rd), None if ck is None else str(ck), None]
+            files, ck = _locked_plan(recipe, run_dir, resume, runs_root)
+            msg = [str(files.path), None if ck is None else str(ck), None]
         except EqmError as e:
             msg = [None, None, (str(e), e.exit_code)]
     if accelerator.num_processes > 1:
@@ -641,7 +713,25 @@ def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root) -> _Plan:
         raise EqmError(*msg[2])
     if check_tracker(recipe.tracking.backend):
         accelerator.project_configuration.set_directories(msg[0])
-    return _Plan(Path(msg[0]), Path(msg[1]) if msg[1] else None)
+    return _Plan(Path(msg[0]), Path(msg[1]) if msg[1] else None, files)
+
+
+def _locked_plan(recipe: Recipe, run_dir, resume, runs_root) -> tuple[RunDir, Optional[Path]]:
+    """:func:`_plan_run` with the run directory locked for this process.  A named ``run_dir`` is
+    locked before its checkpoints are looked at, so two trainings never both decide on it."""
+    given = RunDir(run_dir) if run_dir is not None else None
+    if given is not None:
+        given.lock()
+    try:
+        rd, ck = _plan_run(recipe, run_dir, resume, runs_root)
+        files = given or RunDir(rd)
+        if given is None:
+            files.lock()
+        return files, ck
+    except BaseException:
+        if given is not None:
+            given.unlock()
+        raise
 
 
 @dataclass
@@ -690,7 +780,7 @@ def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], N
     ema = EMA(model, recipe.train.ema_decay)
     optimizer, scheduler = build_optimizer(model, recipe)
     return _Run(
-        recipe=recipe, accelerator=accelerator, run_dir=plan.run_dir, files=RunDir(plan.run_dir) if main else None,
+        recipe=recipe, accelerator=accelerator, run_dir=plan.run_dir, files=plan.files,
         dataset=dataset, num_classes=num_classes, model=model, ema=ema, optimizer=optimizer,
         scheduler=scheduler, resume_state=state, raw_model=model, init_report=init_report, space=space,
     )
@@ -721,7 +811,7 @@ def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]], warn: Callabl
     reporter = _Reporter(run.files, t.steps, run.start_step, log)
     if run.files is None:
         return reporter
-    run.files.start(run.recipe.to_yaml(), run.start_step if run.resume_ckpt is not None else None)
+    aside = run.files.start(run.recipe.to_yaml(), run.start_step)
     if run.log_with:
         run.accelerator.init_trackers(run.recipe.tracking.project, config=_flat(run.recipe.to_dict()))
     acc = run.accelerator
@@ -733,6 +823,8 @@ def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]], warn: Callabl
         f"{len(run.dataset)} clips, {acc.num_processes} process(es) on {acc.device.type}, "
         f"global batch {t.batch_size * t.grad_accum * acc.num_processes}, {t.steps} steps"
     )
+    if aside is not None:
+        reporter.line(f"history after step {run.start_step} (an abandoned branch) moved to {aside}")
     if run.sched_note:
         reporter.line(run.sched_note)
     if run.init_report is not None:
@@ -764,6 +856,10 @@ class _Loop:
         self.step = run.start_step
         self.final_loss: Optional[float] = None
         self.last_ckpt = run.files.latest_checkpoint() if run.files is not None else None
+        self.guard = DivergenceGuard.for_recipe(run.recipe, (run.resume_state or {}).get("guard"))
+        # A checkpoint is good once the step after it had a healthy loss: that loss is its weights'.
+        self.unproven: Optional[Path] = run.resume_ckpt
+        self.good: Optional[tuple[Path, float]] = None  # (checkpoint, the loss that proved it)
         self.previews: list[Path] = []
         self.window_loss, self.window_steps, self.window_t = 0.0, 0, time.time()
 
@@ -789,6 +885,8 @@ class _Loop:
             if run.files is not None:
                 self._log(lr, gnf)
                 self._save_and_preview()
+        if run.files is not None:  # finished: the newest checkpoint no longer needs a proven one beside it
+            run.files.prune(t.keep_last)
 
     def _micro_batch(self, batch: dict, micro: int) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its detached loss."""
@@ -825,16 +923,32 @@ class _Loop:
         return float(mean), float(grad_norm)
 
     def _check(self, lossf: float, gnf: float) -> None:
-        """Stop before applying a step whose loss (or, except under fp16, gradient norm) is not finite."""
-        t = self.run.recipe.train
-        if math.isfinite(lossf) and (t.mixed_precision == "fp16" or math.isfinite(gnf)):
+        """Stop before applying a diverging step (DivergenceGuard)."""
+        why = self.guard.verdict(lossf, gnf)
+        if why is None:
+            if self.unproven is not None:
+                self.good, self.unproven = (self.unproven, lossf), None
             return
-        what = f"loss {lossf}" if not math.isfinite(lossf) else f"gradient norm {gnf}"
-        keep = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint had been saved yet"
-        msg = (f"training diverged at step {self.step + 1}: {what}; stopped without applying this step; "
-               f"{keep} (lower train.lr or raise train.warmup_steps, then --resume)")
+        msg = f"training diverged at step {self.step + 1}: {why}; stopped without applying this step; {self._after_divergence()}"
         self.reporter.line(f"error: {msg}", echo=False)  # the EqmError is the one visible line
         raise EqmError(msg, exit_code=1)
+
+    def _after_divergence(self) -> str:
+        """Main process: move the checkpoints after the last good one aside (so ``--resume latest``
+        finds the good one) and say what to do next."""
+        run, t = self.run, self.run.recipe.train
+        good = self.good[0] if self.good else None
+        keep_step = ckpt_io.checkpoint_step(good) if good else run.start_step
+        aside = run.files.set_aside(keep_step) if run.files is not None else None
+        moved = f"; the checkpoints after step {keep_step} were moved to {aside}" if aside else ""
+        lower = f"lower train.lr (now {t.lr:g}) or raise train.warmup_steps (now {t.warmup_steps})"
+        if good is not None:
+            return (f"the last good checkpoint is {good} (the next step's loss was {self.good[1]:.4g}){moved}; "
+                    f"{lower}, then --resume {good}")
+        if run.resume_ckpt is None:
+            return f"no checkpoint of this run was followed by a healthy step{moved}; {lower} and train again"
+        return (f"the step after {run.resume_ckpt} was not healthy either{moved}; "
+                f"resume from an earlier checkpoint with a lower train.lr (now {t.lr:g})")
 
     def _log(self, lr: float, gnf: float) -> None:
         """Progress every step; a metrics row, tracker values and a log line every train.log_every."""
@@ -862,7 +976,8 @@ class _Loop:
         """A checkpoint every train.ckpt_every steps and a preview every train.preview_every (both at the end)."""
         run, t, step = self.run, self.run.recipe.train, self.step
         if step % t.ckpt_every == 0 or step == t.steps:
-            self.last_ckpt = self._save()
+            self.last_ckpt = self.unproven = self._save()
+            run.files.prune(t.keep_last, protect=self.good[0] if self.good else None)
             self.reporter.line(f"checkpoint {self.last_ckpt}")
         if t.preview_every and (step % t.preview_every == 0 or step == t.steps):
             p = write_preview(run.ema.module, run.recipe, run.files.preview_path(step), self.device, run.space)
@@ -882,10 +997,11 @@ class _Loop:
             opt_state["scaler"] = run.accelerator.scaler.state_dict()
         return run.files.save_checkpoint(
             self.step, model=run.raw_model, ema=run.ema.module, arch=run.raw_model.arch_config(),
-            recipe=run.recipe.to_dict(), optimizer_state=opt_state, keep_last=run.recipe.train.keep_last,
-            extra={"world_size": self.world, "loss": self.final_loss,
+            recipe=run.recipe.to_dict(), optimizer_state=opt_state,
+            extra={"world_size": self.world, "loss": self.final_loss, "guard": self.guard.state(),
                    "class_names": list(getattr(run.dataset, "class_names", []) or []),
-                   "vae": None if run.space is None else run.space.record()},
+                   "vae": None if run.space is None else run.space.record(),
+                   "resumed_from": None if run.resume_ckpt is None else {"step": run.start_step, "checkpoint": str(run.resume_ckpt)}},
         )
 
 

@@ -19,8 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from eqm import checkpoint as C
+from eqm.errors import EqmError
 from eqm.recipe import load_recipe
-from eqm.train import EMA, LRSchedule, StepBatchSampler, build_dataset, derive_seed, train
+from eqm.train import EMA, DivergenceGuard, LRSchedule, StepBatchSampler, build_dataset, derive_seed, train
 from eqmctl.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +208,70 @@ def test_resume_continues_exactly(tmp_path):
     assert again.run_dir == tmp_path / "part" and again.step == 6
 
 
+def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside(tmp_path):
+    run = tmp_path / "run"
+    first = train(recipe("train.steps=6", "train.ckpt_every=2", "train.keep_last=0"), run, log=quiet)
+    old4 = C.weights_checksum(C.load_model(run / "checkpoints" / "step_0000004", use_ema=False)[0])
+    lines = []
+    res = train(recipe("train.steps=4", "train.ckpt_every=2", "train.keep_last=0"),
+                resume=run / "checkpoints" / "step_0000002", log=lines.append, warn=quiet)
+    assert res.run_dir == run and res.start_step == 2 and res.step == 4
+    # the newer checkpoints and metric lines of the first run are kept, out of the way
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_0000004", "step_0000006"]
+    assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()] == [3, 4, 5, 6]
+    assert any(line.startswith("history after step 2 (an abandoned branch) moved to") for line in lines)
+    assert [p.name for p in C.list_checkpoints(run)] == ["step_0000002", "step_0000004"]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    state = C.load_state(C.latest_checkpoint(run))
+    assert state["resumed_from"] == {"step": 2, "checkpoint": str(run / "checkpoints" / "step_0000002")}
+    assert C.load_state(run / "checkpoints" / "step_0000002")["resumed_from"] is None
+    assert res.checksum == old4  # the same steps again, bit for bit
+    # `--resume latest` now continues the new branch, not the abandoned step 6
+    again = train(recipe("train.steps=5", "train.ckpt_every=2", "train.keep_last=0"), run, resume="latest", log=quiet, warn=quiet)
+    assert again.start_step == 4 and again.step == 5 and first.step == 6
+    # an abandoned checkpoint still resolves, and to its own run directory
+    assert C.run_dir_of(aside / "step_0000006") == run and C.resolve_checkpoint(aside / "step_0000006") == aside / "step_0000006"
+
+
+LOCK_HOLDER = """
+import sys, time
+from eqm.rundir import RunDir
+RunDir(sys.argv[1]).lock()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_directory_has_one_training_at_a_time(tmp_path):
+    run = tmp_path / "run"
+    train(recipe("train.steps=2"), run, log=quiet)
+    script = tmp_path / "hold.py"
+    script.write_text(LOCK_HOLDER)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holder = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for args in (["--resume", "latest", "train.steps=3"], ["train.steps=3"]):
+            res = runner.invoke(app, ["train", str(TINY), *FAST, *args, "--run-dir", str(run)])
+            assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+            (err,) = [line for line in res.output.splitlines() if line.startswith("error:")]
+            assert f"{run} is in use by another training (pid {holder.pid} on " in err and "started 20" in err, err
+        assert [p.name for p in C.list_checkpoints(run)] == ["step_0000002"]  # nothing touched
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+        holder.wait()
+    res = train(recipe("train.steps=3"), run, resume="latest", log=quiet, warn=quiet)  # a stale lock never blocks
+    assert res.start_step == 2 and res.step == 3
+    assert (run / "run.lock").read_text() == ""  # released at the end
+
+
+def test_a_refused_new_run_leaves_no_directory(tmp_path):
+    with pytest.raises(EqmError, match="model.init_from"):
+        train(recipe("train.steps=1", f"model.init_from={tmp_path / 'missing.pt'}"), tmp_path / "new", log=quiet)
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_with_raised_steps_follows_the_recipes_schedule(tmp_path):
     # "raise train.steps to continue": the added steps follow the recipe's cosine over the new
     # total, as a 6-step run's last 3 steps do (the checkpoint's own 3-step schedule would have
@@ -301,14 +366,58 @@ def test_divergence_stops_with_exit_1_and_keeps_last_good_checkpoint(tmp_path):
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     err = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "diverged at step" in err[0] and "last good checkpoint" in err[0]
-    failed_at = int(err[0].split("diverged at step ")[1].split(":")[0])
-    ckpts = C.list_checkpoints(run)
-    assert ckpts and C.latest_checkpoint(run).name == f"step_{failed_at - 1:07d}" and failed_at < 50
-    model, state = C.load_model(run, use_ema=False)  # the last checkpoint before the failure loads
-    assert state["step"] == failed_at - 1
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not (run / "summary.json").exists()
+    assert len(err) == 1 and "diverged at step 2: loss" in err[0] and "running level" in err[0], err
+    # step 1 moved the weights by lr 1e6: the checkpoint of step 1 is the one step 2 measured
+    assert "no checkpoint of this run was followed by a healthy step" in err[0] and "train again" in err[0]
+    assert C.list_checkpoints(run) == [] and not (run / "summary.json").exists()
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert (aside / "step_0000001" / "state.json").is_file()  # moved, not deleted
+    # the advice works as printed: the same --run-dir trains again (as a new run)
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=2", "--run-dir", str(run)])
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+
+
+def test_an_early_blow_up_names_a_checkpoint_whose_loss_was_healthy(tmp_path):
+    """A loss far above its running level stops the run long before NaN, and the checkpoint it
+    names is one whose weights gave a healthy loss; resuming from it as advised trains on."""
+    run = tmp_path / "run"
+    train(recipe("train.steps=6", "train.ckpt_every=2", "train.keep_last=0"), run, log=quiet)
+    healthy = max(r["loss"] for r in metrics(run))
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=30", "train.lr=1", "train.grad_clip=0",
+                              "train.ckpt_every=1", "train.keep_last=1", "--run-dir", str(run), "--resume", "latest"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    (err,) = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert "diverged at step 8: loss" in err and "times its running level" in err, err
+    good = run / "checkpoints" / "step_0000006"  # step 7's loss (of these weights) was healthy
+    assert f"the last good checkpoint is {good} (the next step's loss was " in err
+    proof = float(err.split("the next step's loss was ")[1].split(")")[0])
+    assert proof < 2 * healthy
+    # step 7's checkpoint (the weights step 8 measured) is set aside; keep_last=1 kept the good one
+    assert C.list_checkpoints(run) == [good]
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert (aside / "step_0000007" / "state.json").is_file()
+    # the advice: a lower lr, then --resume that checkpoint; the loss stays at its healthy level
+    assert f"lower train.lr (now 1) or raise train.warmup_steps (now 0), then --resume {good}" in err
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=10", "--resume", str(good)])
+    assert res.exit_code == 0, res.output
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 11)) and max(r["loss"] for r in rows) < 2 * healthy
+
+
+def test_divergence_guard_levels():
+    g = DivergenceGuard(loss_factor=10, grad_factor=100, warmup=3)
+    assert g.verdict(30.0, 5.0) is None  # the first step sets the levels
+    assert "loss 400 is" in g.verdict(400.0, 5.0)  # the loss is judged from the second step
+    assert g.verdict(29.0, 2000.0) is None  # the gradient norm only after `warmup` healthy steps
+    assert g.verdict(25.0, 5.0) is None and g.steps == 3
+    assert "gradient norm" in g.verdict(25.0, 1e6) and "diverge_grad_norm=100" in g.verdict(25.0, 1e6)
+    assert "loss nan" in g.verdict(float("nan"), 5.0) and "gradient norm inf" in g.verdict(1.0, float("inf"))
+    back = DivergenceGuard(10, 100, 3, **g.state())
+    assert back.verdict(1e5, 5.0) == g.verdict(1e5, 5.0) is not None  # a resumed guard judges as before
+    off = DivergenceGuard(loss_factor=0, grad_factor=0, warmup=0)
+    assert off.verdict(1.0, 1.0) is None and off.verdict(1e30, 1e30) is None  # only NaN/inf
+    assert DivergenceGuard(check_grad=False).verdict(1.0, float("inf")) is None  # fp16: GradScaler skips it
 
 
 # --- several processes -----------------------------------------------------------------------
