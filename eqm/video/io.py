@@ -25,6 +25,7 @@ import numpy as np
 from eqm import fsio
 from eqm.errors import EqmError
 from eqm.timebase import parse_fps
+from eqm.video.av_util import error_text, header_rate, not_video_reason, open_input, video_streams
 
 __all__ = [
     "Clip",
@@ -55,12 +56,6 @@ GIF_MAX_EXACT_FPS = 50
 DEFAULT_CODEC = "libx264"
 DEFAULT_PRESET = "medium"
 
-# Container formats libavformat uses for single still images: they expose a "video" stream but
-# are not videos (probe.py refuses them for the same reason).
-_STILL_IMAGE_FORMATS = {"image2", "tty"}
-# Demuxers named "*_pipe" are image readers (png_pipe, jpeg_pipe, ...) except these animations.
-_ANIMATED_PIPES = {"gif_pipe", "apng_pipe", "webp_pipe"}
-
 # Codecs that store chroma at half resolution need even frame sizes.
 _SUBSAMPLED_PIX_FMTS = {"yuv420p", "yuvj420p", "nv12", "nv21", "yuv420p10le"}
 
@@ -90,7 +85,8 @@ class Clip:
 @dataclass
 class VideoData:
     """A whole decoded video: frames uint8 (T, H, W, 3), pts float64 (T,) seconds from the first
-    frame, fps the stream's average rate as an exact fraction (None when the file declares none),
+    frame, fps the stream's header rate (eqm.video.av_util.header_rate) as an exact fraction (None
+    when the file declares none),
     has_audio whether the container also holds audio."""
 
     frames: np.ndarray
@@ -209,43 +205,26 @@ def _check_input(path) -> Path:
     return p
 
 
-def _av_reason(e: BaseException) -> str:
-    # PyAV errors repeat the file name and errno; the strerror is the useful part.
-    return str(getattr(e, "strerror", None) or e or type(e).__name__)
-
-
 def _open_video(p: Path):
-    """Open `p` and return (container, video stream); one-line EqmError for anything unreadable."""
+    """Open `p` and return (container, video stream); one-line EqmError for anything unreadable.
+    What counts as a video is eqm.video.av_util's rule, the one probe-fps applies."""
     import av
 
     try:
-        container = av.open(str(p), "r")
+        container = open_input(p)
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise EqmError(f"cannot read video {p}: {_av_reason(e)}") from None
+        raise EqmError(f"cannot read video {p}: {error_text(e)}") from None
     try:
-        fmt = (container.format.name or "").split(",")[0]
-        if not container.streams.video:
+        why = not_video_reason(container, p)
+        if why is not None:
+            raise EqmError(f"{p} is {why}")
+        videos = video_streams(container)
+        if not videos:
             raise EqmError(f"{p} has no video stream")
-        if fmt in _STILL_IMAGE_FORMATS or (fmt.endswith("_pipe") and fmt not in _ANIMATED_PIPES):
-            raise EqmError(f"{p} is a still image ({fmt}), not a video")
     except BaseException:
         container.close()
         raise
-    return container, container.streams.video[0]
-
-
-def _stream_rate(stream) -> Optional[Fraction]:
-    """The stream's average rate, else its guessed or base rate, as an exact Fraction."""
-    for attr in ("average_rate", "guessed_rate", "base_rate"):
-        try:
-            r = getattr(stream, attr)
-        except Exception:  # noqa: BLE001 - some PyAV builds raise on unset rates
-            r = None
-        if r:
-            r = Fraction(r)
-            if r > 0:
-                return r
-    return None
+    return container, videos[0]
 
 
 def _frame_time(frame, stream) -> Optional[float]:
@@ -309,7 +288,7 @@ def read_clip(path, times: Sequence[float], *, stats: Optional[dict] = None) -> 
     try:
         tb = stream.time_base
         start = float(stream.start_time * tb) if (stream.start_time is not None and tb) else 0.0
-        rate = _stream_rate(stream)
+        rate = header_rate(stream)
         step = 1.0 / float(rate) if rate else 0.0
         lo = float(req.min())
 
@@ -391,7 +370,7 @@ def read_clip(path, times: Sequence[float], *, stats: Optional[dict] = None) -> 
             for j in range(i, len(sorted_req)):
                 chosen[order[j]] = keep(prev)
     except av.error.FFmpegError as e:
-        raise EqmError(f"cannot decode video {p}: {_av_reason(e)}") from None
+        raise EqmError(f"cannot decode video {p}: {error_text(e)}") from None
     finally:
         container.close()
 
@@ -407,7 +386,8 @@ def read_video(path, max_frames: Optional[int] = None) -> VideoData:
     """Decode a whole video (or its first `max_frames` frames) into memory.
 
     pts are seconds relative to the first decoded frame, in presentation order; fps is the
-    stream's average rate (else guessed / base rate) as an exact Fraction, None if unknown.
+    stream's header rate (average, else base, else guessed: eqm.video.av_util.header_rate) as an
+    exact Fraction, None if unknown.
     Meant for retiming user files; training clips use `read_clip`.
     """
     import av
@@ -419,7 +399,7 @@ def read_video(path, max_frames: Optional[int] = None) -> VideoData:
     frames: list[np.ndarray] = []
     times: list[float] = []
     try:
-        fps = _stream_rate(stream)
+        fps = header_rate(stream)
         has_audio = len(container.streams.audio) > 0
         step = 1.0 / float(fps) if fps else 0.0
         for frame in container.decode(stream):
@@ -433,7 +413,7 @@ def read_video(path, max_frames: Optional[int] = None) -> VideoData:
             if max_frames is not None and len(frames) >= max_frames:
                 break
     except av.error.FFmpegError as e:
-        raise EqmError(f"cannot decode video {p}: {_av_reason(e)}") from None
+        raise EqmError(f"cannot decode video {p}: {error_text(e)}") from None
     finally:
         container.close()
     if not frames:
@@ -615,7 +595,7 @@ def _write_av(p: Path, fmt: str, arr: np.ndarray, rate: Fraction, rel_pts, codec
                 for packet in s.encode():
                     c.mux(packet)
         except (av.error.FFmpegError, ValueError) as e:
-            raise EqmError(f"cannot write {p}: {codec} encoding failed: {_av_reason(e)}") from None
+            raise EqmError(f"cannot write {p}: {codec} encoding failed: {error_text(e)}") from None
     return WriteResult(path=p, fps=rate, num_frames=n, duration=duration, warnings=warnings)
 
 

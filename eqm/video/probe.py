@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from eqm import fsio
 from eqm.errors import EqmError
-from eqm.timebase import MAX_FPS, format_fps, is_variable_rate, mean_rate
+from eqm.video.av_util import error_text, header_rates, not_video_reason, open_input, video_streams
+from eqm.timebase import format_fps, is_variable_rate, mean_rate
 
 #: Extensions treated as video when walking folders (compared lower-case). Files named on the
 #: command line are probed whatever their extension.
@@ -59,13 +60,8 @@ STATUSES = {
     "no-frames": "a video stream with no packets",
 }
 
-# Where the frame rate came from, in order of preference for the header rates.
-_RATE_ATTRS = ("average_rate", "base_rate", "guessed_rate")
+# Where the frame rate came from when no header rate (eqm.video.av_util.RATE_ATTRS) fits.
 SOURCE_PACKETS = "packet timestamps"
-
-# Demuxers that open still images or text: not videos even though they expose a "video" stream.
-# gif_pipe is an animated GIF without a .gif name, so it stays a video.
-_STILL_IMAGE_FORMATS = {"image2", "tty"}
 
 # Magic numbers of containers, used only to tell "a video file that is cut short" apart from "not
 # a video at all" when libavformat refuses to open a file.
@@ -207,14 +203,14 @@ def _sniff_container(head: bytes) -> str | None:
 
 def _open_failure(result: ProbeResult, path: Path, err: BaseException) -> ProbeResult:
     """Classify a file libavformat refused to open: cut-short video, corrupt video, or not a video."""
-    msg = _err_text(err)
+    msg = error_text(err)
     if isinstance(err, PermissionError):
         return _broken(result, "unreadable", f"permission denied ({msg})")
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
     except OSError as e:
-        return _broken(result, "unreadable", _err_text(e))
+        return _broken(result, "unreadable", error_text(e))
     family = _sniff_container(head)
     if family == "mp4":
         # The usual way an MP4 breaks: the writer puts the index (moov atom) at the end, so a copy
@@ -223,12 +219,6 @@ def _open_failure(result: ProbeResult, path: Path, err: BaseException) -> ProbeR
     if family is not None:
         return _broken(result, "corrupt", f"looks like {family} but libavformat cannot open it: {msg}")
     return _broken(result, "not-video", f"not a recognised media container ({msg})")
-
-
-def _err_text(err: BaseException) -> str:
-    # FFmpegError messages end with the file name, which the table already shows.
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return " ".join(str(text).split())
 
 
 def _broken(result: ProbeResult, status: str, reason: str) -> ProbeResult:
@@ -263,16 +253,6 @@ def _snap_rate(rate: float, tol: float) -> Fraction:
     return Fraction(rate).limit_denominator(1001)
 
 
-def _valid_rate(r) -> Fraction | None:
-    try:
-        if r is None:
-            return None
-        r = Fraction(r)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    return r if 0 < r <= MAX_FPS else None
-
-
 def probe_file(path: str | os.PathLike) -> ProbeResult:
     """Probe one file; never raises for a broken input (see `STATUSES` for what it reports)."""
     p = Path(path)
@@ -284,7 +264,7 @@ def probe_file(path: str | os.PathLike) -> ProbeResult:
             return _broken(result, "missing", f"broken symlink to {os.readlink(p)}")
         return _broken(result, "missing", "no such file")
     except OSError as e:
-        return _broken(result, "unreadable", _err_text(e))
+        return _broken(result, "unreadable", error_text(e))
     if not stat.S_ISREG(st.st_mode):
         return _broken(result, "unreadable", "not a regular file")
     result.size = st.st_size
@@ -293,18 +273,14 @@ def probe_file(path: str | os.PathLike) -> ProbeResult:
     if not os.access(p, os.R_OK):
         return _broken(result, "unreadable", "permission denied")
 
-    import av
-
     try:
-        # "file:" keeps libavformat from reading a name like "http:clip.mp4" or "concat:a|b" as a
-        # protocol; metadata_errors="replace": a tag in a legacy encoding must not fail the probe.
-        container = av.open("file:" + os.path.abspath(p), metadata_errors="replace")
+        container = open_input(p)
     except Exception as e:  # av.error.* (InvalidDataError, ...) and OSError
         return _open_failure(result, p, e)
     try:
         return _probe_container(container, p, result)
     except Exception as e:  # anything unforeseen in a hostile file is one broken file, not a crash
-        return _broken(result, "corrupt", f"{type(e).__name__}: {_err_text(e)}")
+        return _broken(result, "corrupt", f"{type(e).__name__}: {error_text(e)}")
     finally:
         container.close()
 
@@ -314,15 +290,10 @@ def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
 
     fmt = container.format
     r.container = _container_name(fmt, p.suffix)
-    fmt_names = fmt.name.split(",")
-    if any(n in _STILL_IMAGE_FORMATS or (n.endswith("_pipe") and n != "gif_pipe") for n in fmt_names):
-        kind = "text" if "tty" in fmt_names else "still image"
-        return _broken(r, "not-video", f"a {kind} ({fmt.name}), not a video")
-
-    # Cover art in an audio file (mp3, m4a) is a one-picture "video" stream marked attached_pic.
-    disp = getattr(av.stream, "Disposition", None)
-    skip = int(getattr(disp, "attached_pic", 0)) | int(getattr(disp, "still_image", 0))
-    videos = [s for s in container.streams.video if not (int(s.disposition) & skip)]
+    why = not_video_reason(container, p)
+    if why is not None:
+        return _broken(r, "not-video", why)
+    videos = video_streams(container)  # cover art in an mp3 / m4a is not a video
     audios = list(container.streams.audio)
     r.has_audio = bool(audios)
     if not videos:
@@ -430,7 +401,7 @@ def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
 
     # Frame rate. Tolerances account for timestamp quantisation: with a 1/1000 time base (mkv,
     # webm) a 12-frame 30000/1001 clip spans 367 ms instead of 366.3 ms, 0.2 % off.
-    header = [(rate, f"stream.{attr}") for attr in _RATE_ATTRS if (rate := _valid_rate(getattr(v, attr, None)))]
+    header = header_rates(v)
     measured = mean_rate(exact)
     r.measured_fps = round(measured, 6) if measured is not None else None
     # A gap that differs from the others by one tick of the time base is quantisation, not
@@ -468,7 +439,7 @@ def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
 
     # Integrity. Order matters: the most specific explanation wins.
     if demux_error is not None:
-        return _broken(r, "truncated" if last_corrupt else "corrupt", f"demuxing stopped after {n_packets} video packets: {_err_text(demux_error)}")
+        return _broken(r, "truncated" if last_corrupt else "corrupt", f"demuxing stopped after {n_packets} video packets: {error_text(demux_error)}")
     if n_packets == 0:
         return _broken(r, "no-frames", "video stream has no packets")
     if r.size is not None and byte_end > r.size:
@@ -582,7 +553,7 @@ def probe_paths(
             except Exception as e:  # a crashed worker process: report its files, keep going
                 chunk_results = [
                     ProbeResult(path=names[i], label=files[i].absolute().parent.name, status="unreadable",
-                                reason=f"probe worker failed: {type(e).__name__}: {_err_text(e)}")
+                                reason=f"probe worker failed: {type(e).__name__}: {error_text(e)}")
                     for i in idx
                 ]
             for i, res in zip(idx, chunk_results):
@@ -678,7 +649,7 @@ def check_manifest_target(path: str | os.PathLike, inputs: Iterable[str | os.Pat
     except FileNotFoundError:
         return
     except OSError as e:
-        raise EqmError(f"cannot write manifest {out}: {_err_text(e)}") from None
+        raise EqmError(f"cannot write manifest {out}: {error_text(e)}") from None
     if stat.S_ISDIR(st.st_mode):
         raise EqmError(f"manifest path {out} is a folder; give a file name such as {out / 'manifest.jsonl'}")
     if not stat.S_ISREG(st.st_mode):
@@ -718,7 +689,7 @@ def write_manifest(results: Iterable[ProbeResult], path: str | os.PathLike, *, f
     try:
         return fsio.write_text(out, "\n".join(lines) + ("\n" if lines else ""))
     except OSError as e:
-        raise EqmError(f"cannot write manifest {out}: {_err_text(e)}") from None
+        raise EqmError(f"cannot write manifest {out}: {error_text(e)}") from None
 
 
 _NUM = (int, float)
@@ -812,7 +783,7 @@ def read_manifest(path: str | os.PathLike, *, only_ok: bool = False) -> list[Pro
     except UnicodeDecodeError:
         raise EqmError(f"manifest {mp} is not UTF-8 text") from None
     except OSError as e:
-        raise EqmError(f"cannot read manifest {mp}: {_err_text(e)}") from None
+        raise EqmError(f"cannot read manifest {mp}: {error_text(e)}") from None
     folder = mp.absolute().parent
     out: list[ProbeResult] = []
     for lineno, line in enumerate(text.splitlines(), 1):
