@@ -286,89 +286,10 @@ def read_clip(path, times: Sequence[float], *, stats: Optional[dict] = None) -> 
 
     container, stream = _open_video(p)
     try:
-        tb = stream.time_base
-        start = float(stream.start_time * tb) if (stream.start_time is not None and tb) else 0.0
         rate = header_rate(stream)
         step = 1.0 / float(rate) if rate else 0.0
-        lo = float(req.min())
-
-        # Seek, then check that the first decoded frame is not after `lo`. A demuxer whose
-        # index is keyed by decode time (AVI and FLV with B-frames, for instance) can land on a
-        # keyframe whose presentation time is after the target, which would silently skip the
-        # frames just before it; back off further and seek again until that cannot happen.
-        target, back = lo, max(0.5, 2 * step)
-        fresh = True  # nothing demuxed yet: the container sits at the start of the file
-        while True:
-            if target > start and not _seek(container, stream, target, st):
-                target = start  # a demuxer that cannot seek: read from the start (slow, correct)
-            if target <= start and not fresh:
-                # Start over from a freshly opened file rather than seeking to time zero: some
-                # demuxers (MPEG-TS) cannot reliably seek back to their very first keyframe.
-                container.close()
-                container, stream = _open_video(p)
-            fresh = False
-            frames = _decode(container, stream, st)
-            first = None
-            for f in frames:
-                if _frame_time(f, stream) is not None:
-                    first = f
-                    break
-            at_start = target <= start
-            if first is None:
-                if at_start:
-                    raise EqmError(f"no frames could be decoded from {p}")
-            elif _frame_time(first, stream) <= lo or at_start:
-                break
-            target = max(start, min(target, _frame_time(first, stream) if first is not None else target) - back)
-            back *= 2
-
-        order = np.argsort(req, kind="stable")
-        sorted_req = req[order]
-        chosen: list[Optional[int]] = [None] * len(req)
-        kept_frames: list[np.ndarray] = []
-        kept_times: list[float] = []
-
-        def keep(cand: list) -> int:
-            # cand = [time, av frame, index into kept_frames or None]; convert a frame to RGB
-            # only when some requested time actually picks it.
-            if cand[2] is None:
-                kept_frames.append(cand[1].to_ndarray(format="rgb24"))
-                kept_times.append(cand[0])
-                cand[2] = len(kept_frames) - 1
-            return cand[2]
-
-        first_time = _frame_time(first, stream)
-        if sorted_req[0] < first_time - step - 1e-6:
-            raise EqmError(
-                f"clip time {sorted_req[0]:.4f} s is before the first frame of {p} (at {first_time:.4f} s)"
-            )
-        i, prev, last_gap = 0, None, 0.0
-        for frame in itertools.chain([first], frames):
-            t = _frame_time(frame, stream)
-            if t is None or (prev is not None and t <= prev[0]):
-                continue
-            cur = [t, frame, None]
-            while i < len(sorted_req) and sorted_req[i] <= t:
-                r = sorted_req[i]
-                pick = prev if (prev is not None and r - prev[0] <= t - r) else cur
-                chosen[order[i]] = keep(pick)
-                i += 1
-            if i == len(sorted_req):
-                break  # the last wanted time has been passed: stop decoding here
-            if prev is not None:
-                last_gap = t - prev[0]
-            prev = cur
-        if i < len(sorted_req):
-            # End of stream before the last wanted time: the last frame covers one frame
-            # duration (or the last gap when the rate is unknown) past its own time.
-            last_t = prev[0]
-            tol = step or last_gap
-            if sorted_req[-1] > last_t + tol + 1e-6:
-                raise EqmError(
-                    f"clip time {sorted_req[-1]:.4f} s is beyond the end of {p} (last frame at {last_t:.4f} s)"
-                )
-            for j in range(i, len(sorted_req)):
-                chosen[order[j]] = keep(prev)
+        container, stream, first, frames = _decode_from(container, stream, p, float(req.min()), step, st)
+        kept_frames, kept_times, chosen = _nearest_frames(first, frames, stream, req, step, p)
     except av.error.FFmpegError as e:
         raise EqmError(f"cannot decode video {p}: {error_text(e)}") from None
     finally:
@@ -380,6 +301,97 @@ def read_clip(path, times: Sequence[float], *, stats: Optional[dict] = None) -> 
     out = np.stack([kept_frames[k] for k in chosen])
     pts = np.asarray([kept_times[k] for k in chosen], dtype=np.float64)
     return Clip(frames=out, pts=pts)
+
+
+def _decode_from(container, stream, p: Path, lo: float, step: float, st: dict):
+    """Seek so that the first decoded frame is at or before ``lo`` seconds; returns
+    (container, stream, that first frame, the iterator of the frames after it).  The container
+    may be a reopened one (the caller closes whichever is returned; on error it is closed here).
+
+    A demuxer whose index is keyed by decode time (AVI and FLV with B-frames, for instance) can
+    land on a keyframe whose presentation time is after the target, which would silently skip
+    the frames just before it; so back off further and seek again until that cannot happen.
+    """
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if (stream.start_time is not None and tb) else 0.0
+    target, back = lo, max(0.5, 2 * step)
+    fresh = True  # nothing demuxed yet: the container sits at the start of the file
+    try:
+        while True:
+            if target > start and not _seek(container, stream, target, st):
+                target = start  # a demuxer that cannot seek: read from the start (slow, correct)
+            if target <= start and not fresh:
+                # Start over from a freshly opened file rather than seeking to time zero: some
+                # demuxers (MPEG-TS) cannot reliably seek back to their very first keyframe.
+                container.close()
+                container, stream = _open_video(p)
+            fresh = False
+            frames = _decode(container, stream, st)
+            first = next((f for f in frames if _frame_time(f, stream) is not None), None)
+            at_start = target <= start
+            if first is None:
+                if at_start:
+                    raise EqmError(f"no frames could be decoded from {p}")
+            elif _frame_time(first, stream) <= lo or at_start:
+                return container, stream, first, frames
+            target = max(start, min(target, _frame_time(first, stream) if first is not None else target) - back)
+            back *= 2
+    except BaseException:
+        container.close()
+        raise
+
+
+class _Picked:
+    """Frames chosen for a clip, each converted to RGB once, only when some time picks it."""
+
+    def __init__(self):
+        self.frames: list[np.ndarray] = []
+        self.times: list[float] = []
+
+    def keep(self, cand: list) -> int:
+        """cand = [time, av frame, index into self.frames or None]; returns the index."""
+        if cand[2] is None:
+            self.frames.append(cand[1].to_ndarray(format="rgb24"))
+            self.times.append(cand[0])
+            cand[2] = len(self.frames) - 1
+        return cand[2]
+
+
+def _nearest_frames(first, frames, stream, req: np.ndarray, step: float, p: Path):
+    """For each requested time, the decoded frame nearest to it (ties to the earlier one);
+    decoding stops once the last wanted time has passed.  Returns (RGB frames, their times,
+    index of the frame for each requested time, in the order requested)."""
+    order = np.argsort(req, kind="stable")
+    sorted_req = req[order]
+    chosen: list[Optional[int]] = [None] * len(req)
+    picked = _Picked()
+    first_time = _frame_time(first, stream)
+    if sorted_req[0] < first_time - step - 1e-6:
+        raise EqmError(f"clip time {sorted_req[0]:.4f} s is before the first frame of {p} (at {first_time:.4f} s)")
+    i, prev, last_gap = 0, None, 0.0
+    for frame in itertools.chain([first], frames):
+        t = _frame_time(frame, stream)
+        if t is None or (prev is not None and t <= prev[0]):
+            continue
+        cur = [t, frame, None]
+        while i < len(sorted_req) and sorted_req[i] <= t:
+            r = sorted_req[i]
+            chosen[order[i]] = picked.keep(prev if (prev is not None and r - prev[0] <= t - r) else cur)
+            i += 1
+        if i == len(sorted_req):
+            break  # the last wanted time has been passed: stop decoding here
+        if prev is not None:
+            last_gap = t - prev[0]
+        prev = cur
+    if i < len(sorted_req):
+        # End of stream before the last wanted time: the last frame covers one frame duration
+        # (or the last gap when the rate is unknown) past its own time.
+        last_t = prev[0]
+        if sorted_req[-1] > last_t + (step or last_gap) + 1e-6:
+            raise EqmError(f"clip time {sorted_req[-1]:.4f} s is beyond the end of {p} (last frame at {last_t:.4f} s)")
+        for j in range(i, len(sorted_req)):
+            chosen[order[j]] = picked.keep(prev)
+    return picked.frames, picked.times, chosen
 
 
 def read_video(path, max_frames: Optional[int] = None) -> VideoData:

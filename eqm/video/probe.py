@@ -286,8 +286,7 @@ def probe_file(path: str | os.PathLike) -> ProbeResult:
 
 
 def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
-    import av
-
+    """Fill ``r`` from an opened container: streams, packet timestamps, rate, integrity."""
     fmt = container.format
     r.container = _container_name(fmt, p.suffix)
     why = not_video_reason(container, p)
@@ -313,10 +312,38 @@ def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
     if not tb:
         return _broken(r, "corrupt", "video stream has no time base")
     r.time_base = f"{tb.numerator}/{tb.denominator}"
-    tbf = float(tb)
+    scan = _demux(container, v, audios)
+    exact = _fill_times(r, scan, v, container, float(tb))
+    notes = _choose_rate(r, header_rates(v), exact, float(tb))
+    broken = _integrity(r, scan, v, container, float(tb))
+    if broken is not None:
+        return broken
+    r.reason = "; ".join(notes)
+    return r
 
-    # Only the chosen video stream and the audio streams are demuxed; the rest are discarded in
-    # libavformat so their packets are never read into Python.
+
+@dataclass
+class _Scan:
+    """What demuxing the video (and audio) packets of a file found."""
+
+    demuxed_streams: int
+    ticks: list[int] = field(default_factory=list)  # video pts, in the stream's time base
+    keys: list[int] = field(default_factory=list)  # keyframe pts
+    n_packets: int = 0  # including discarded (edit-list) packets, to compare with the header count
+    corrupt: int = 0
+    last_corrupt: bool = False
+    end_tick: int | None = None  # largest video pts (presentation time of the last frame)
+    last_dur: int = 0
+    byte_end: int = 0
+    audio_end: float = 0.0
+    error: BaseException | None = None
+
+
+def _demux(container, v, audios) -> _Scan:
+    """Read the packets (never decode) of video stream ``v`` and the audio streams; the other
+    streams are discarded in libavformat so their packets are never read into Python."""
+    import av
+
     wanted = [v, *audios]
     wanted_idx = {s.index for s in wanted}
     for s in container.streams:
@@ -325,83 +352,72 @@ def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
                 s.discard = av.stream.Discard.all
             except (AttributeError, ValueError):  # pragma: no cover - PyAV without Stream.discard
                 pass
-    vidx = v.index
-    ticks: list[int] = []
-    keys: list[int] = []
-    n_packets = 0  # including discarded (edit-list) packets, to compare with the header count
-    corrupt = 0
-    last_corrupt = False
-    end_tick = None  # largest video pts (presentation time of the last frame)
-    last_dur = 0
-    byte_end = 0
-    audio_end = 0.0
-    demux_error: BaseException | None = None
+    scan = _Scan(demuxed_streams=len(wanted))
     try:
         for pkt in container.demux(wanted):
-            ts = pkt.pts
-            if ts is None:
-                ts = pkt.dts
-                if ts is None:  # the empty flush packet at the end of each stream
-                    continue
-            if pkt.stream_index != vidx:
-                d = pkt.duration or 0
-                atb = pkt.time_base
-                if atb:
-                    audio_end = max(audio_end, float((ts + d) * atb))
+            ts = pkt.pts if pkt.pts is not None else pkt.dts
+            if ts is None:  # the empty flush packet at the end of each stream
                 continue
-            n_packets += 1
-            is_bad = pkt.is_corrupt
-            last_corrupt = is_bad
-            if is_bad:
-                corrupt += 1
-            pos = pkt.pos
-            if pos is not None and pos >= 0:
-                byte_end = max(byte_end, pos + pkt.size)
+            if pkt.stream_index != v.index:
+                if pkt.time_base:
+                    scan.audio_end = max(scan.audio_end, float((ts + (pkt.duration or 0)) * pkt.time_base))
+                continue
+            scan.n_packets += 1
+            scan.last_corrupt = pkt.is_corrupt
+            scan.corrupt += int(pkt.is_corrupt)
+            if pkt.pos is not None and pkt.pos >= 0:
+                scan.byte_end = max(scan.byte_end, pkt.pos + pkt.size)
             if pkt.is_discard:
                 continue
-            ticks.append(ts)
-            if end_tick is None or ts >= end_tick:
+            scan.ticks.append(ts)
+            if scan.end_tick is None or ts >= scan.end_tick:
                 # The duration of the frame shown last; with B-frames the packet order is the
                 # decode order, so this is not simply the last packet read.
-                end_tick = ts
-                last_dur = pkt.duration or 0
+                scan.end_tick, scan.last_dur = ts, pkt.duration or 0
             if pkt.is_keyframe:
-                keys.append(ts)
-    except Exception as e:  # a demux error part-way: keep what was read, report below
-        demux_error = e
+                scan.keys.append(ts)
+    except Exception as e:  # a demux error part-way: keep what was read, report it
+        scan.error = e
+    scan.ticks.sort()
+    scan.keys.sort()
+    return scan
 
-    header_frames = v.frames or 0
-    ticks.sort()
-    keys.sort()
-    exact: list[float] = []  # unrounded seconds, for the rate measurements below
-    if ticks:
-        first = ticks[0]
-        exact = [(t - first) * tbf for t in ticks]
+
+def _fill_times(r: ProbeResult, scan: _Scan, v, container, tbf: float) -> list[float]:
+    """pts, keyframes, start, frame count and duration; returns the unrounded pts (seconds)."""
+    exact: list[float] = []
+    if scan.ticks:
+        first = scan.ticks[0]
+        exact = [(t - first) * tbf for t in scan.ticks]
         r.start = round(first * tbf, 6)
         # Microseconds are plenty to pick the nearest frame and keep the manifest small.
         r.pts = [round(t, 6) for t in exact]
-        r.keyframes = [round((t - first) * tbf, 6) for t in keys]
-
+        r.keyframes = [round((t - first) * tbf, 6) for t in scan.keys]
     # Frame count: the header's when it has one (mp4, avi); mkv/webm have none, count packets.
-    if header_frames > 0:
-        r.frames, r.frames_source = header_frames, "header"
-    elif ticks:
-        r.frames, r.frames_source = len(ticks), "packets"
-
+    if (v.frames or 0) > 0:
+        r.frames, r.frames_source = v.frames, "header"
+    elif scan.ticks:
+        r.frames, r.frames_source = len(scan.ticks), "packets"
     # Duration of the video stream: packet span plus the last packet's duration (the median gap
     # when the container stores none); header durations only when there are no packets.
     gaps = sorted(b - a for a, b in zip(exact, exact[1:]))
     median_gap = gaps[len(gaps) // 2] if gaps else 0.0
-    if ticks:
-        r.duration = round(exact[-1] + (last_dur * tbf if last_dur > 0 else median_gap), 6)
+    if scan.ticks:
+        r.duration = round(exact[-1] + (scan.last_dur * tbf if scan.last_dur > 0 else median_gap), 6)
     elif v.duration:
         r.duration = round(v.duration * tbf, 6)
     elif container.duration:
         r.duration = round(container.duration / 1e6, 6)
+    return exact
 
-    # Frame rate. Tolerances account for timestamp quantisation: with a 1/1000 time base (mkv,
-    # webm) a 12-frame 30000/1001 clip spans 367 ms instead of 366.3 ms, 0.2 % off.
-    header = header_rates(v)
+
+def _choose_rate(r: ProbeResult, header: list, exact: list[float], tbf: float) -> list[str]:
+    """fps, fps_source, measured_fps and vfr from the header rates and the packet times;
+    returns notes for the reason column.
+
+    Tolerances account for timestamp quantisation: with a 1/1000 time base (mkv, webm) a
+    12-frame 30000/1001 clip spans 367 ms instead of 366.3 ms, 0.2 % off.
+    """
     measured = mean_rate(exact)
     r.measured_fps = round(measured, 6) if measured is not None else None
     # A gap that differs from the others by one tick of the time base is quantisation, not
@@ -436,31 +452,36 @@ def _probe_container(container, p: Path, r: ProbeResult) -> ProbeResult:
     if fps is not None:
         r.fps = str(fps)
         r.fps_float = float(fps)
+    return notes
 
-    # Integrity. Order matters: the most specific explanation wins.
-    if demux_error is not None:
-        return _broken(r, "truncated" if last_corrupt else "corrupt", f"demuxing stopped after {n_packets} video packets: {error_text(demux_error)}")
-    if n_packets == 0:
+
+def _integrity(r: ProbeResult, scan: _Scan, v, container, tbf: float) -> ProbeResult | None:
+    """``r`` marked broken when the packets show the file is cut short or corrupt, else None.
+    Order matters: the most specific explanation wins."""
+    header_frames = v.frames or 0
+    if scan.error is not None:
+        return _broken(r, "truncated" if scan.last_corrupt else "corrupt",
+                       f"demuxing stopped after {scan.n_packets} video packets: {error_text(scan.error)}")
+    if scan.n_packets == 0:
         return _broken(r, "no-frames", "video stream has no packets")
-    if r.size is not None and byte_end > r.size:
-        return _broken(r, "truncated", f"packet data runs past the end of the file ({byte_end} > {r.size} bytes)")
-    if header_frames > n_packets:
-        return _broken(r, "truncated", f"header lists {header_frames} frames but only {n_packets} packets are in the file")
-    if corrupt:
-        if last_corrupt:
+    if r.size is not None and scan.byte_end > r.size:
+        return _broken(r, "truncated", f"packet data runs past the end of the file ({scan.byte_end} > {r.size} bytes)")
+    if header_frames > scan.n_packets:
+        return _broken(r, "truncated", f"header lists {header_frames} frames but only {scan.n_packets} packets are in the file")
+    if scan.corrupt:
+        if scan.last_corrupt:
             return _broken(r, "truncated", "the last video packet is cut short")
-        return _broken(r, "corrupt", f"{corrupt} corrupt video packet(s)")
+        return _broken(r, "corrupt", f"{scan.corrupt} corrupt video packet(s)")
     # Containers without a frame count (mkv, webm): compare where the packets end with the
     # duration written in the header. Only when every stream was demuxed (a subtitle stream may
     # legitimately run longer) and with slack for audio priming and rounding.
     declared = container.duration / 1e6 if container.duration else None
-    if header_frames == 0 and declared and len(container.streams) == len(wanted) and end_tick is not None:
+    if header_frames == 0 and declared and len(container.streams) == scan.demuxed_streams and scan.end_tick is not None:
         c_start = (container.start_time or 0) / 1e6
-        covered = max((end_tick + last_dur) * tbf, audio_end) - c_start
+        covered = max((scan.end_tick + scan.last_dur) * tbf, scan.audio_end) - c_start
         if covered + max(0.5, 0.02 * declared) < declared:
             return _broken(r, "truncated", f"header says {declared:.2f} s but packets end at {covered:.2f} s")
-    r.reason = "; ".join(notes)
-    return r
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
