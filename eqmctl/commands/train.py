@@ -40,8 +40,10 @@ def train(
     log.txt, checkpoints/step_N/ (safetensors model + EMA, state.json, optim.pt), previews/*.mp4
     and summary.json.
 
-    Exit status: 0 done; 1 the run failed (loss became NaN/inf: the last good checkpoint is kept);
-    2 bad input (recipe key, type or value; missing files).
+    Exit status: 0 done; 1 the run failed (the loss or gradient norm diverged -- NaN/inf or far
+    above its running level, see train.diverge_loss: the message names the last good checkpoint,
+    later ones are moved to checkpoints/abandoned-*); 2 bad input (recipe key, type or value;
+    missing files; the run directory is in use by another training).
     """
     with user_errors():
         from eqm.errors import EqmError
