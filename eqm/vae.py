@@ -43,6 +43,9 @@ DOWNLOAD_HINT = (
     "--local-dir models/sd-vae-ft-ema`, and point vae.path (or --vae) at that folder"
 )
 
+#: The weights file of a diffusers model folder (pickled .bin files are never read).
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
 #: Frames decoded per call by the image VAE: bounds decoder activations for long clips.
 DECODE_CHUNK = 8
 
@@ -133,28 +136,34 @@ def plan_latents(fps, num_frames: int, temporal: int = 1) -> LatentPlan:
 
 @dataclass(frozen=True)
 class VaeIdentity:
-    """Which VAE made a set of latents: diffusers class, hash of its config, and where it was.
+    """Which VAE made a set of latents: diffusers class, hash of its config, a fingerprint of its
+    weights file, and where it was.
 
-    Two identities ``match`` when class and config hash agree; the path is recorded for people
-    (a folder may move between the cache run and training).
+    Two identities ``match`` when class, config hash and weights fingerprint agree (the
+    fingerprint tells apart fine-tunes that share a config, such as sd-vae-ft-ema and -mse);
+    the path is recorded for people (a folder may move between the cache run and training).
     """
 
     class_name: str
     config_hash: str
     path: str
+    weights_hash: str = ""
 
     def to_dict(self) -> dict:
-        return {"class_name": self.class_name, "config_hash": self.config_hash, "path": self.path}
+        return {"class_name": self.class_name, "config_hash": self.config_hash, "weights_hash": self.weights_hash,
+                "path": self.path}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "VAE identity") -> "VaeIdentity":
         try:
-            return cls(class_name=str(d["class_name"]), config_hash=str(d["config_hash"]), path=str(d.get("path", "")))
-        except (KeyError, TypeError):
+            return cls(class_name=str(d["class_name"]), config_hash=str(d["config_hash"]), path=str(d.get("path", "")),
+                       weights_hash=str(d.get("weights_hash") or ""))
+        except (KeyError, TypeError, AttributeError):
             raise EqmError(f"{where}: not a VAE identity (needs class_name and config_hash), got {d!r}") from None
 
     def matches(self, other: "VaeIdentity") -> bool:
-        return self.class_name == other.class_name and self.config_hash == other.config_hash
+        return (self.class_name == other.class_name and self.config_hash == other.config_hash
+                and self.weights_hash == other.weights_hash)
 
     def describe(self) -> str:
         return f"{self.class_name} (config {self.config_hash[:12]}) at {self.path}"
@@ -195,11 +204,27 @@ def read_vae_config(folder: Path) -> dict:
     return config
 
 
+def weights_fingerprint(path: Path, chunks: int = 16, chunk_size: int = 1 << 16) -> str:
+    """sha256 of a file's size and ``chunks`` evenly spaced blocks of it: reads about 1 MiB of a
+    335 MB VAE, yet differs between any two trainings of the same architecture."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for k in range(chunks):
+            f.seek(max(0, size - chunk_size) * k // max(1, chunks - 1))
+            h.update(f.read(chunk_size))
+    return h.hexdigest()
+
+
 def vae_identity(path: PathLike) -> VaeIdentity:
-    """The identity of the VAE in a local folder, from its config alone (no weights loaded)."""
+    """The identity of the VAE in a local folder from its config and a fingerprint of its
+    weights file (the weights are not loaded)."""
     folder = find_vae_folder(path)
     config = read_vae_config(folder)
-    return VaeIdentity(config["_class_name"], config_hash(config), str(folder.resolve()))
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise EqmError(f"{folder} has no {WEIGHTS_FILE} (eqmctl loads VAE weights from safetensors only); {DOWNLOAD_HINT}")
+    return VaeIdentity(config["_class_name"], config_hash(config), str(folder.resolve()), weights_fingerprint(weights))
 
 
 def load_vae(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> "Vae":
@@ -208,6 +233,7 @@ def load_vae(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) 
 
     folder = find_vae_folder(path)
     config = read_vae_config(folder)
+    identity = vae_identity(folder)
     cls = getattr(diffusers, config["_class_name"])
     try:
         module = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
@@ -216,7 +242,6 @@ def load_vae(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EqmError(f"cannot load the VAE in {folder} (needs config.json and diffusion_pytorch_model."
                        f"safetensors): {first}") from None
-    identity = vae_identity(folder)
     return Vae(module.to(device).eval().requires_grad_(False), identity)
 
 

@@ -11,7 +11,7 @@ from tiny_vae import save_tiny_kl, save_tiny_wan
 
 from eqm.errors import EqmError
 from eqm.timebase import uniform_timestamps
-from eqm.vae import latent_timestamps, load_vae, plan_latents, sample_posterior, vae_folder_kind
+from eqm.vae import latent_timestamps, load_vae, plan_latents, sample_posterior, vae_folder_kind, vae_identity
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,17 @@ def test_identity_kind_and_errors(vaes, tmp_path):
     with pytest.raises(EqmError, match="'UNet2DModel' is not supported"):
         load_vae(bad)
     (bad / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(EqmError, match="has no diffusion_pytorch_model.safetensors .*safetensors only"):
+        load_vae(bad)
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(EqmError, match="cannot load the VAE") as err:
         load_vae(bad)
     assert "\n" not in str(err.value)
+
+
+def test_identity_tells_apart_finetunes_with_the_same_config(vaes, tmp_path):
+    """sd-vae-ft-ema and -mse share a config.json: the weights fingerprint separates them."""
+    other = save_tiny_kl(tmp_path / "other", scaling_factor=0.5, shift_factor=0.25, seed=1)
+    a, b = vae_identity(vaes["kl"]), vae_identity(other)
+    assert a.config_hash == b.config_hash and a.weights_hash != b.weights_hash and not a.matches(b)
+    assert a.matches(load_vae(vaes["kl"]).identity)

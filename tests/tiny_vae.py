@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 
-def save_tiny_kl(folder: Path, *, scaling_factor: float = 0.5, shift_factor=None) -> Path:
+def save_tiny_kl(folder: Path, *, scaling_factor: float = 0.5, shift_factor=None, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     AutoencoderKL(
         block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
