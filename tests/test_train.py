@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -234,24 +235,20 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside(tmp_path):
     assert C.run_dir_of(aside / "step_0000006") == run and C.resolve_checkpoint(aside / "step_0000006") == aside / "step_0000006"
 
 
-LOCK_HOLDER = """
-import sys, time
-from eqm.rundir import RunDir
-RunDir(sys.argv[1]).lock()
-print("locked", flush=True)
-time.sleep(600)
-"""
-
-
 def test_a_run_directory_has_one_training_at_a_time(tmp_path):
     run = tmp_path / "run"
     train(recipe("train.steps=2"), run, log=quiet)
-    script = tmp_path / "hold.py"
-    script.write_text(LOCK_HOLDER)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    holder = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holder = subprocess.Popen(  # a real training that would run for a long time
+        [sys.executable, "-m", "eqmctl.cli", "train", str(TINY), *FAST, "train.steps=1000000", "train.ckpt_every=1000000",
+         "--run-dir", str(run), "--resume", "latest"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        for _ in range(600):  # until it has started training (it appends to the log after the lock)
+            if holder.poll() is not None or "step 3/" in (run / "log.txt").read_text():
+                break
+            time.sleep(0.2)
+        assert holder.poll() is None and f"pid {holder.pid} on " in (run / "run.lock").read_text()
         for args in (["--resume", "latest", "train.steps=3"], ["train.steps=3"]):
             res = runner.invoke(app, ["train", str(TINY), *FAST, *args, "--run-dir", str(run)])
             assert res.exit_code == 2 and "Traceback" not in res.output, res.output
@@ -263,6 +260,7 @@ def test_a_run_directory_has_one_training_at_a_time(tmp_path):
         holder.wait()
     res = train(recipe("train.steps=3"), run, resume="latest", log=quiet, warn=quiet)  # a stale lock never blocks
     assert res.start_step == 2 and res.step == 3
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]  # the killed run's lines were set aside
     assert (run / "run.lock").read_text() == ""  # released at the end
 
 
