@@ -63,8 +63,8 @@ class LatentSpace:
         where = path if path is not None else self.identity.path
         found = vae_identity(where)
         if not found.matches(self.identity):
-            raise EqmError(f"the VAE in {where} ({found.class_name}, config {found.config_hash[:12]}) is not the one "
-                           f"these latents were made with ({self.identity.describe()})")
+            raise EqmError(f"the VAE in {where} ({found.describe()}) is not the one these latents were made with "
+                           f"({self.identity.describe()})")
         self._vae = load_vae(where, device, dtype)
         return self._vae
 
@@ -93,8 +93,8 @@ def cache_space(dataset, recipe: Recipe) -> LatentSpace:
     if recipe.vae.path:
         mine = vae_identity(recipe.vae.path)
         if not mine.matches(ident):
-            raise EqmError(f"vae.path {recipe.vae.path} holds {mine.class_name} (config {mine.config_hash[:12]}) "
-                           f"but the cache {dataset.path} was made with {ident.describe()}; use that VAE or re-cache")
+            raise EqmError(f"vae.path {recipe.vae.path} holds {mine.describe()} but the cache {dataset.path} was "
+                           f"made with {ident.describe()}; use that VAE or re-cache")
     return LatentSpace(ident, str(info["kind"]), int(info["temporal"]), int(info["spatial"]), int(info["latent_shape"][0]))
 
 

@@ -162,11 +162,14 @@ class VaeIdentity:
             raise EqmError(f"{where}: not a VAE identity (needs class_name and config_hash), got {d!r}") from None
 
     def matches(self, other: "VaeIdentity") -> bool:
-        return (self.class_name == other.class_name and self.config_hash == other.config_hash
-                and self.weights_hash == other.weights_hash)
+        """Same class and config, and same weights where both record them (records written
+        before the fingerprint existed have none)."""
+        same_weights = not (self.weights_hash and other.weights_hash) or self.weights_hash == other.weights_hash
+        return self.class_name == other.class_name and self.config_hash == other.config_hash and same_weights
 
     def describe(self) -> str:
-        return f"{self.class_name} (config {self.config_hash[:12]}) at {self.path}"
+        weights = f", weights {self.weights_hash[:12]}" if self.weights_hash else ""
+        return f"{self.class_name} (config {self.config_hash[:12]}{weights}) at {self.path}"
 
 
 def config_hash(config: dict) -> str:

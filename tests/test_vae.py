@@ -11,7 +11,8 @@ from tiny_vae import save_tiny_kl, save_tiny_wan
 
 from eqm.errors import EqmError
 from eqm.timebase import uniform_timestamps
-from eqm.vae import latent_timestamps, load_vae, plan_latents, sample_posterior, vae_folder_kind, vae_identity
+from eqm.vae import (VaeIdentity, latent_timestamps, load_vae, plan_latents, sample_posterior, vae_folder_kind,
+                     vae_identity)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,5 @@ def test_identity_tells_apart_finetunes_with_the_same_config(vaes, tmp_path):
     a, b = vae_identity(vaes["kl"]), vae_identity(other)
     assert a.config_hash == b.config_hash and a.weights_hash != b.weights_hash and not a.matches(b)
     assert a.matches(load_vae(vaes["kl"]).identity)
+    older = VaeIdentity.from_dict({k: v for k, v in b.to_dict().items() if k != "weights_hash"})
+    assert older.matches(a) and older.matches(b)  # a record without a fingerprint compares class and config
