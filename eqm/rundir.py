@@ -20,6 +20,7 @@ killed run never blocks the next one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -101,7 +102,9 @@ class RunDir:
 
     def save_checkpoint(self, step: int, **kwargs: Any) -> Path:
         """checkpoints/step_XXXXXXX, written atomically (arguments as eqm.checkpoint.save_checkpoint)."""
-        return ckpt_io.save_checkpoint(self.path, step, **kwargs)
+        with _os_errors(f"checkpoint {ckpt_io.step_dirname(step)} in {self.path / ckpt_io.CKPT_DIR}",
+                        "; the checkpoints already there are intact"):
+            return ckpt_io.save_checkpoint(self.path, step, **kwargs)
 
     # ---- starting ---------------------------------------------------------------------------
 
@@ -110,10 +113,11 @@ class RunDir:
         recipe and rewind the history to ``start_step`` (0 for a new run): newer checkpoints and
         metric lines (an abandoned branch) move to checkpoints/abandoned-<time>/, whose path is
         returned (None when nothing was newer)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        ckpt_io.clean_stale(self.path)
-        fsio.write_text(self.path / RECIPE_FILE, recipe_yaml)
-        return self._rewind(start_step)
+        with _os_errors(f"run directory {self.path}", exit_code=2):
+            self.path.mkdir(parents=True, exist_ok=True)
+            ckpt_io.clean_stale(self.path)
+            fsio.write_text(self.path / RECIPE_FILE, recipe_yaml)
+            return self._rewind(start_step)
 
     def _rewind(self, step: int) -> Optional[Path]:
         kept, dropped = self._split_metrics(step)
@@ -132,13 +136,14 @@ class RunDir:
         aside, k = self.path / ckpt_io.CKPT_DIR / f"{ABANDONED_PREFIX}{stamp}", 2
         while aside.exists():
             aside, k = aside.with_name(f"{ABANDONED_PREFIX}{stamp}-{k}"), k + 1
-        aside.mkdir(parents=True)
-        if metric_lines:
-            fsio.write_text(aside / METRICS_FILE, "".join(line + "\n" for line in metric_lines))
-        for c in newer:
-            os.rename(c, aside / c.name)
-        fsio.fsync_dir(aside)
-        fsio.fsync_dir(aside.parent)
+        with _os_errors(aside):
+            aside.mkdir(parents=True)
+            if metric_lines:
+                fsio.write_text(aside / METRICS_FILE, "".join(line + "\n" for line in metric_lines))
+            for c in newer:
+                os.rename(c, aside / c.name)
+            fsio.fsync_dir(aside)
+            fsio.fsync_dir(aside.parent)
         return aside
 
     def prune(self, keep_last: int, protect: Optional[Path] = None) -> None:
@@ -163,12 +168,12 @@ class RunDir:
 
     def log(self, text: str) -> None:
         """Append one line to log.txt."""
-        with open(self.path / LOG_FILE, "a") as f:
+        with _os_errors(self.path / LOG_FILE), open(self.path / LOG_FILE, "a") as f:
             f.write(text + "\n")
 
     def metrics(self, row: dict) -> None:
         """Append one JSON row to metrics.jsonl."""
-        with open(self.path / METRICS_FILE, "a") as f:
+        with _os_errors(self.path / METRICS_FILE), open(self.path / METRICS_FILE, "a") as f:
             f.write(dumps(row) + "\n")
 
     def preview_path(self, step: int) -> Path:
@@ -176,4 +181,15 @@ class RunDir:
         return self.path / PREVIEW_DIR / f"step_{int(step):07d}.mp4"
 
     def write_summary(self, summary: dict) -> None:
-        fsio.write_json(self.path / SUMMARY_FILE, summary)
+        with _os_errors(self.path / SUMMARY_FILE):
+            fsio.write_json(self.path / SUMMARY_FILE, summary)
+
+
+@contextlib.contextmanager
+def _os_errors(what, after: str = "", exit_code: int = 1):
+    """An OSError (full disk, read-only or vanished folder) as one line naming ``what``: exit
+    code 2 for a directory that cannot be used at the start, 1 for a run that fails while writing."""
+    try:
+        yield
+    except OSError as e:
+        raise EqmError(f"cannot write {what}: {e.strerror or e}{after}", exit_code=exit_code) from None

@@ -264,6 +264,27 @@ def test_a_run_directory_has_one_training_at_a_time(tmp_path):
     assert (run / "run.lock").read_text() == ""  # released at the end
 
 
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    from eqm import fsio
+
+    real = fsio.publish_dir
+
+    def publish(tmp, final):
+        if Path(final).name != "step_0000001":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, final)
+
+    monkeypatch.setattr(fsio, "publish_dir", publish)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=3", "train.ckpt_every=1", "--run-dir", str(run)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    (err,) = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert f"cannot write checkpoint step_0000002 in {run / 'checkpoints'}: No space left on device" in err
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_0000001"]  # intact, no temporary left
+
+
 def test_a_refused_new_run_leaves_no_directory(tmp_path):
     with pytest.raises(EqmError, match="model.init_from"):
         train(recipe("train.steps=1", f"model.init_from={tmp_path / 'missing.pt'}"), tmp_path / "new", log=quiet)
