@@ -379,14 +379,14 @@ def test_time_shift_trains_on_shifted_positions_reproducibly(tmp_path):
 def test_divergence_stops_with_exit_1_and_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
     res = runner.invoke(app, [
-        "train", str(TINY), *FAST, "train.lr=1e6", "train.grad_clip=0", "train.steps=50", "train.ckpt_every=1",
+        "train", str(TINY), *FAST, "train.lr=1", "train.grad_clip=0", "train.steps=50", "train.ckpt_every=1",
         "train.keep_last=0", "--run-dir", str(run),
     ])
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     err = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "diverged at step 2: loss" in err[0] and "running level" in err[0], err
-    # step 1 moved the weights by lr 1e6: the checkpoint of step 1 is the one step 2 measured
+    # step 1 moved the weights by lr 1 unclipped: the checkpoint of step 1 is the one step 2 measured
     assert "no checkpoint of this run was followed by a healthy step" in err[0] and "train again" in err[0]
     assert C.list_checkpoints(run) == [] and not (run / "summary.json").exists()
     (aside,) = (run / "checkpoints").glob("abandoned-*")
