@@ -40,13 +40,14 @@ def nearest_rms(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 
 def train_toy(data: torch.Tensor, steps: int, seed: int):
+    from eqm.config import EqMConfig
     from eqm.model import EqMTransformer
     from eqm.objective import eqm_loss
     from eqm.timebase import uniform_timestamps
 
     torch.manual_seed(seed)
-    model = EqMTransformer(input_size=8, in_channels=3, num_frames=4, patch_size=4, hidden_size=64, depth=2,
-                           num_heads=4, num_classes=0, class_dropout_prob=0.0)
+    model = EqMTransformer(EqMConfig(input_size=8, in_channels=3, num_frames=4, patch_size=4, hidden_size=64, depth=2,
+                           num_heads=4, num_classes=0, class_dropout_prob=0.0))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     ts = uniform_timestamps(4, 24).expand(32, -1)

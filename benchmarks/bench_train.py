@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqm.objective import eqm_loss
 
@@ -63,10 +64,10 @@ def reference_model(args):
 
 
 def ours(args, frames: int, size: int, pos: str = "sincos"):
-    return EqMTransformer(
+    return EqMTransformer(EqMConfig(
         input_size=size, in_channels=args.channels, num_frames=frames, patch_size=args.patch,
         hidden_size=args.hidden, depth=args.depth, num_heads=args.heads, num_classes=args.classes, pos=pos,
-    )
+    ))
 
 
 def throughput(model, x, ts, y, args) -> float:

@@ -121,7 +121,7 @@ def _map_output(theirs: torch.Tensor, own: torch.Tensor, model, src_pt: int) -> 
     read from its own patch kernel, never guessed from this shape alone (a learn_sigma image
     head and a p_t = 2 head without sigma have the same number of rows).
     """
-    p, C, pt = model.patch_size, model.in_channels, model.temporal_patch
+    p, C, pt = model.config.patch_size, model.config.in_channels, model.config.temporal_patch
     tail = tuple(theirs.shape[1:])
     per_token = src_pt * p * p * C
     if tail != tuple(own.shape[1:]) or theirs.shape[0] not in (per_token, 2 * per_token) or src_pt not in (1, pt):
@@ -130,7 +130,7 @@ def _map_output(theirs: torch.Tensor, own: torch.Tensor, model, src_pt: int) -> 
     src_sigma = cells.shape[2] == 2 * C
     grad = cells[:, :, :C]
     hows = []
-    if model.learn_sigma:
+    if model.config.learn_sigma:
         cells = torch.cat([grad, cells[:, :, C:] if src_sigma else torch.zeros_like(grad)], 2)
         if not src_sigma:
             hows.append("sigma half added as zeros, EqM never reads it")
@@ -156,7 +156,7 @@ def _map_labels(src: torch.Tensor, own: torch.Tensor, model, src_classes: Option
     """
     if src.ndim != 2 or src.shape[1] != own.shape[1]:
         return None
-    K = model.num_classes
+    K = model.config.num_classes
     out = own.clone()
     same = src_classes == K
     if same:
@@ -199,7 +199,7 @@ def adapt_state_dict(src: dict, model, *, source: str = "checkpoint", weights: s
     for key in src:
         if key in own:
             continue
-        if key == _POS and getattr(model, "pos", None) == "rope":
+        if key == _POS and model.config.pos == "rope":
             report.add("dropped", key, "RoPE model: positions are rotary, no table")
         elif key.startswith(_FPS):
             report.add("dropped", key, "the model is not in fps-embed mode")
@@ -218,7 +218,7 @@ def _map_one(key, mine, src, model, source, src_classes, report):
         raise EqmError(f"{source}: the model's '{key}' {tuple(mine.shape)} is not in the checkpoint (model.depth or the architecture differs)")
     theirs = src[key]
     if key == _POS and tuple(theirs.shape) != tuple(mine.shape):
-        return mine, "new", f"sin/cos table recomputed for {model.grid[0]}x{model.grid[1]} tokens, the checkpoint's has {theirs.shape[1]}"
+        return mine, "new", f"sin/cos table recomputed for {model.config.grid[0]}x{model.config.grid[1]} tokens, the checkpoint's has {theirs.shape[1]}"
     if key in (_OUT_W, _OUT_B):  # before the shape test: equal shapes can still mean another layout
         value, how = _map_output(theirs, mine, model, _source_temporal_patch(src))
         if value is not None:

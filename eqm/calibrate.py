@@ -262,7 +262,7 @@ def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float
     from .generate import generate, plan_frames
 
     frames, beyond = plan_frames(model, recipe, rate)
-    labels, n = generation_labels(int(model.num_classes), samples)
+    labels, n = generation_labels(int(model.config.num_classes), samples)
     gen = generate(model, fps=rate, num_frames=frames, num_samples=n, labels=labels, cfg_scale=cfg_scale,
                    seed=seed, batch_size=batch_size, **sampler)
     if gen.videos.shape[1] != 3:
@@ -395,13 +395,13 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
             raise EqmError(f"{name} must be a positive integer, got {v!r}")
     model, state = load_model(ckpt, use_ema=ema, device=device, runs_root=runs_root)
     recipe = state.get("recipe")
-    classes = int(model.num_classes)
+    classes = int(model.config.num_classes)
     if scales is None:
         scales = [recipe_cfg_scale(recipe) if classes > 0 else 1.0]
     if classes <= 0 and any(s != 1.0 for s in scales):
         raise EqmError("cfg_scales: guidance needs a class-conditional model (this one has no classes)")
 
-    ref_recipe = reference_recipe(recipe, data, tuple(model.input_size))
+    ref_recipe = reference_recipe(recipe, data, tuple(model.config.input_size))
     warnings: list[str] = []
     dataset = build_dataset(ref_recipe, warn=warnings.append)
     if classes > 0 and int(getattr(dataset, "num_classes", 0) or 0) != classes:
@@ -423,7 +423,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     return Calibration(
         checkpoint=str(state["checkpoint"]), step=state.get("step"),
         weights="ema" if str(state["weights"]).endswith("ema.safetensors") else "raw",
-        time_mode=getattr(model, "time_mode", None), train_fps=_train_fps(recipe),
+        time_mode=model.config.time_mode, train_fps=_train_fps(recipe),
         class_names=list(state.get("class_names") or []), sampler=opts, samples_per_class=samples, seed=seed,
         reference=ref, results=results, warnings=warnings,
     )

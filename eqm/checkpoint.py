@@ -17,11 +17,14 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from . import fsio
 from .errors import EqmError, NonFiniteError
 from .jsonio import dumps
+
+if TYPE_CHECKING:
+    from .config import EqMConfig
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -208,7 +211,7 @@ def save_checkpoint(
     *,
     model,
     ema=None,
-    arch: dict,
+    config: "EqMConfig",
     recipe: dict,
     optimizer_state: Optional[dict] = None,
     extra: Optional[dict] = None,
@@ -216,9 +219,9 @@ def save_checkpoint(
 ) -> Path:
     """Write run_dir/checkpoints/step_XXXXXXX atomically and prune to ``keep_last`` (0 = keep all).
 
-    model / ema: modules (or state dicts) saved to safetensors.  arch: the model's
-    ``arch_config()``; recipe: the resolved recipe dict; both go to state.json with ``step`` and
-    ``extra``.  optimizer_state: any weights_only-loadable structure (optimizer, scheduler, RNG),
+    model / ema: modules (or state dicts) saved to safetensors.  config: the model's
+    :class:`~eqm.config.EqMConfig` (stored as ``arch``); recipe: the resolved recipe dict; both go
+    to state.json with ``step`` and ``extra``.  optimizer_state: any weights_only-loadable structure (optimizer, scheduler, RNG),
     saved to optim.pt.  An existing checkpoint of the same step is replaced atomically.
     """
     import torch
@@ -244,7 +247,7 @@ def save_checkpoint(
             "step": int(step),
             "time": time.time(),
             "has_ema": ema is not None,
-            "arch": arch,
+            "arch": config.to_dict(),
             "recipe": recipe,
         }
         if extra:
@@ -355,19 +358,6 @@ def load_into(model, state_dict: dict, source: PathLike) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
-def build_model_from_arch(arch: dict, source: PathLike = "checkpoint"):
-    """EqMTransformer(**arch) with an EqmError when the arch names unknown options."""
-    from .embed import arch_time_order
-    from .model import EqMTransformer
-
-    if not isinstance(arch, dict):
-        raise EqmError(f"{source}: 'arch' must be a mapping of model options")
-    try:
-        return EqMTransformer.from_config({**arch, "time_order": arch_time_order(arch)})
-    except TypeError as e:
-        raise EqmError(f"{source}: the model architecture in the checkpoint is not understood by this eqmctl ({e})") from None
-
-
 def load_model(ckpt_path_or_run_dir: Optional[PathLike] = None, use_ema: bool = True, device="cpu", *, runs_root: PathLike = "runs"):
     """Rebuild the model of a checkpoint and load its (EMA) weights; returns (model in eval mode, state).
 
@@ -376,9 +366,12 @@ def load_model(ckpt_path_or_run_dir: Optional[PathLike] = None, use_ema: bool = 
     loaded).  Without an EMA file, use_ema falls back to the model weights and says so in
     ``state["weights"]``.
     """
+    from .config import EqMConfig
+    from .model import EqMTransformer
+
     ckpt = resolve_checkpoint(ckpt_path_or_run_dir, runs_root)
     state = load_state(ckpt)
-    model = build_model_from_arch(state["arch"], ckpt / STATE_FILE)
+    model = EqMTransformer(EqMConfig.from_dict(state["arch"], str(ckpt / STATE_FILE)))
     weights = ckpt / (EMA_FILE if use_ema and (ckpt / EMA_FILE).is_file() else MODEL_FILE)
     load_into(model, load_weights(weights), weights)
     model.to(device)

@@ -17,34 +17,26 @@ from typing import Optional, Sequence
 
 import torch
 
+from .config import (  # noqa: F401  (the channel split and its constants are part of this module's API)
+    DEFAULT_REF_FPS,
+    DEFAULT_TIME_FRAC,
+    DEFAULT_TIME_ORDER,
+    POS_KINDS,
+    TIME_MODES,
+    TIME_ORDERS,
+    rope_split,
+    sincos_time_channels,
+)
 from .errors import EqmError
 
-#: Reference rate r: tau = t_seconds * r (measured choice: docs/embedding.md#choosing-ref_fps).
-DEFAULT_REF_FPS = 24.0
-#: Default share of channels used by the temporal coordinate (sincos: of D; rope: of head_dim).
-DEFAULT_TIME_FRAC = 0.25
 #: Frequency base of every sin/cos and rotary code (DiT/MAE and RoPE use 10000).
 BASE = 10000.0
-
-TIME_MODES = ("seconds", "index", "fps-embed")
-POS_KINDS = ("sincos", "rope")
-#: Where the sincos temporal frequencies sit on the spatial code's channels (docs/embedding.md#sincos).
-TIME_ORDERS = ("paired", "aligned")
-DEFAULT_TIME_ORDER = "aligned"
-#: The layout of checkpoints whose arch predates ``time_order`` (the only one there was).
-LEGACY_TIME_ORDER = "aligned"
 
 
 def check_time_order(order: str) -> str:
     if order not in TIME_ORDERS:
-        raise EqmError(f"model.time.order must be one of {', '.join(TIME_ORDERS)}, got {order!r}")
+        raise EqmError(f"time_order must be one of {', '.join(TIME_ORDERS)}, got {order!r}")
     return order
-
-
-def arch_time_order(arch: dict) -> str:
-    """The sincos layout a saved arch (checkpoint state.json) was trained with: its ``time_order``,
-    or "aligned" (the only layout there was) for archs written before the key existed."""
-    return arch.get("time_order", LEGACY_TIME_ORDER)
 
 
 def _in_layout(half: torch.Tensor, order: str) -> torch.Tensor:
@@ -78,7 +70,7 @@ def sincos_1d(pos: torch.Tensor, dim: int, *, base: float = BASE) -> torch.Tenso
 
 def _check_mode(time_mode: str) -> None:
     if time_mode not in TIME_MODES:
-        raise EqmError(f"model.time.mode must be one of {', '.join(TIME_MODES)}, got {time_mode!r}")
+        raise EqmError(f"time_mode must be one of {', '.join(TIME_MODES)}, got {time_mode!r}")
 
 
 def check_timestamps(timestamps: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
@@ -177,20 +169,6 @@ def clip_fps(timestamps: Optional[torch.Tensor], default_fps: float, batch: int 
 # sincos
 # --------------------------------------------------------------------------------------------
 
-def sincos_time_channels(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> int:
-    """Number d_t of channels carrying tau in the sincos code; checks the layout is possible."""
-    if dim % 4:
-        raise EqmError(f"sincos positions need hidden_size divisible by 4, got {dim}")
-    if not 0.0 <= time_frac <= 0.5:
-        raise EqmError(f"model.time_frac for sincos must be in [0, 0.5], got {time_frac}")
-    d_t = int(round(time_frac * dim))
-    if d_t % 2:
-        raise EqmError(
-            f"time_frac={time_frac} of hidden_size {dim} gives {d_t} time channels; it must be even"
-        )
-    return d_t
-
-
 def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, *, base: float = BASE) -> torch.Tensor:
     """DiT/MAE 2D code: [sincos(col, dim/2) | sincos(row, dim/2)] -> (..., dim)."""
     if dim % 4:
@@ -252,25 +230,6 @@ def sincos_grid_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # RoPE
 # --------------------------------------------------------------------------------------------
-
-def rope_split(head_dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[int, int, int]:
-    """Per-head channel split (d_t, d_row, d_col) for 3D RoPE; every group even and non-empty."""
-    if head_dim % 2:
-        raise EqmError(f"rope needs an even head dimension, got {head_dim}")
-    if not 0.0 < time_frac < 1.0:
-        raise EqmError(f"model.time_frac for rope must be in (0, 1), got {time_frac}")
-    d_t = max(2, 2 * int(round(time_frac * head_dim / 2)))
-    rest = head_dim - d_t
-    d_row = 2 * math.ceil(rest / 4)
-    d_col = rest - d_row
-    if d_col < 2 or d_row < 2:
-        raise EqmError(
-            f"head dimension {head_dim} with time_frac={time_frac} leaves no even split for rows and "
-            f"columns (t={d_t}, row={d_row}, col={d_col})"
-        )
-    assert d_t % 2 == 0 and d_row % 2 == 0 and d_col % 2 == 0 and d_t + d_row + d_col == head_dim
-    return d_t, d_row, d_col
-
 
 def rope_angles(coords: torch.Tensor, head_dim: int, time_frac: float = DEFAULT_TIME_FRAC, *, base: float = BASE) -> torch.Tensor:
     """Rotation angle of every channel pair: coords (..., 3) -> (..., head_dim / 2), groups [t | row | col]."""

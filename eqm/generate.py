@@ -153,7 +153,7 @@ def trained_span(model, recipe: Optional[dict]) -> Optional[TrainedSpan]:
         return None
     if n < 1 or not (math.isfinite(fps_min) and fps_min > 0) or not (math.isfinite(shift) and shift >= 0):
         return None
-    return TrainedSpan(mode=str(getattr(model, "time_mode", "seconds")), ref_fps=float(getattr(model, "ref_fps", 1.0)),
+    return TrainedSpan(mode=str(model.config.time_mode), ref_fps=float(model.config.ref_fps),
                        num_frames=n, fps_min=fps_min, shift=shift)
 
 
@@ -170,8 +170,8 @@ def plan_frames(model, recipe: Optional[dict], fps, frames: Optional[int] = None
     """
     from .vae import check_num_frames, num_decoded_frames
 
-    tp = int(getattr(model, "temporal_patch", 1)) if temporal == 1 else 1
-    limit = num_decoded_frames(int(model.num_frames), temporal)
+    tp = int(model.config.temporal_patch) if temporal == 1 else 1
+    limit = num_decoded_frames(int(model.config.num_frames), temporal)
     span = trained_span(model, recipe)
     if frames is None and seconds is None and span is not None:
         n = span.frames_within(parse_fps(fps), limit)
@@ -332,8 +332,8 @@ def generate(
     momentum = settings["momentum"] if momentum is None else momentum
 
     device = next(model.parameters()).device
-    C = model.in_channels
-    H, W = model.input_size
+    C = model.config.in_channels
+    H, W = model.config.input_size
     plan = plan_latents(fps, num_frames, 1 if vae is None else vae.temporal)
     ts = plan.latent_timestamps
     noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)

@@ -60,16 +60,16 @@ def paper_settings(method: str, steps=None, step_size=None, momentum=None) -> di
 def check_vae_fits(model, vae) -> None:
     """EqmError unless ``vae`` decodes this model's latents (None: a 3-channel pixel model)."""
     if vae is None:
-        if model.in_channels != 3:
+        if model.config.in_channels != 3:
             raise EqmError(
-                f"this model makes {model.in_channels}-channel latents: give --vae PATH, the local folder of the "
+                f"this model makes {model.config.in_channels}-channel latents: give --vae PATH, the local folder of the "
                 "VAE it was trained with (official EqM checkpoints: stabilityai/sd-vae-ft-ema)"
             )
         return
-    if vae.kind != "image" or vae.latent_channels != model.in_channels:
+    if vae.kind != "image" or vae.latent_channels != model.config.in_channels:
         raise EqmError(
             f"the VAE at {vae.identity.path} ({vae.describe()}) does not decode this model's "
-            f"{model.in_channels}-channel image latents"
+            f"{model.config.in_channels}-channel image latents"
         )
 
 
@@ -88,8 +88,8 @@ def generate_images(
         raise EqmError(f"--num-samples and --batch-size must be at least 1, got {num_samples} and {batch_size}")
     check_vae_fits(model, vae)
     device = next(model.parameters()).device
-    H, W = model.input_size
-    noise = sample_noise(num_samples, (model.in_channels, H, W), seed)
+    H, W = model.config.input_size
+    noise = sample_noise(num_samples, (model.config.in_channels, H, W), seed)
     bs = batch_size or num_samples
     images, latents, evals, rms = [], [], [], []
     for start in range(0, num_samples, bs):
@@ -170,7 +170,7 @@ def sample_official(
 
         vae = load_vae(vae_path, device=device)
     check_vae_fits(model, vae)
-    y = parse_labels(labels, model.num_classes, num_samples)
+    y = parse_labels(labels, model.config.num_classes, num_samples)
     settings = paper_settings(method, steps, step_size, momentum)
     gen = generate_images(model, num_samples=num_samples, labels=y, cfg_scale=cfg_scale if y is not None else 1.0,
                           guidance_channels=guidance_channels, method=method, tol=tol, seed=seed,

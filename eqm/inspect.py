@@ -12,7 +12,7 @@ left alone.  What each plot compares: docs/design.md#inspect-embed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,15 +22,12 @@ import torch
 
 from . import embed as E
 from . import fsio
+from .config import EqMConfig
 from .errors import EqmError
 from .timebase import format_fps, frames_for_duration, parse_fps, uniform_timestamps
 
 PathLike = Union[str, Path]
 
-#: Hidden width and heads used when nothing else is given: EqM-S (docs/reference.md#model), whose
-#: sincos code has d_t = 96 time channels, the width docs/embedding.md#choosing-ref_fps quotes.
-DEFAULT_HIDDEN_SIZE = 384
-DEFAULT_NUM_HEADS = 6
 #: A heatmap row per rate: more rows are unreadable.
 MAX_RATES = 12
 #: Clip length cap: the similarity matrix is frames_a x frames_b and a typo (--seconds 600) should
@@ -44,99 +41,49 @@ PLOT_FILES = ("heatmap.png", "similarity.png", "separability.png", "frequencies.
 # ============================================================================================
 
 
-@dataclass
-class EmbedConfig:
-    """The settings of a model that shape its temporal code (the EqMTransformer kwargs of the same names)."""
+@dataclass(frozen=True)
+class EmbedView:
+    """An architecture seen through its temporal code: the model's EqMConfig (validated when it
+    was made), where it came from, and the rates it was trained on.  The default is EqM-S, whose
+    sincos code has d_t = 96 time channels, the width docs/embedding.md#choosing-ref_fps quotes."""
 
-    pos: str = "sincos"
-    time_mode: str = "seconds"
-    ref_fps: float = E.DEFAULT_REF_FPS
-    time_frac: float = E.DEFAULT_TIME_FRAC
-    time_order: str = E.DEFAULT_TIME_ORDER
-    hidden_size: int = DEFAULT_HIDDEN_SIZE
-    num_heads: int = DEFAULT_NUM_HEADS
-    temporal_patch: int = 1
+    arch: EqMConfig = EqMConfig()
     #: where the settings came from (shown in the report), e.g. "checkpoint runs/x/checkpoints/step_0000600"
     source: str = "options"
     #: (fps_min, fps_max) the model was trained on, when known: shaded in the separability plot
     train_fps: Optional[tuple[float, float]] = None
 
-    def validate(self) -> "EmbedConfig":
-        """Check the combination the way EqMTransformer does (raises EqmError naming the option)."""
-        if self.pos not in E.POS_KINDS:
-            raise EqmError(f"pos must be one of {', '.join(E.POS_KINDS)}, got {self.pos!r}")
-        if self.time_mode not in E.TIME_MODES:
-            raise EqmError(f"time mode must be one of {', '.join(E.TIME_MODES)}, got {self.time_mode!r}")
-        if not (isinstance(self.ref_fps, (int, float)) and math.isfinite(self.ref_fps) and self.ref_fps > 0):
-            raise EqmError(f"ref_fps must be a positive number, got {self.ref_fps!r}")
-        if self.time_order not in E.TIME_ORDERS:
-            raise EqmError(f"time order must be one of {', '.join(E.TIME_ORDERS)}, got {self.time_order!r}")
-        if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
-            raise EqmError(f"hidden size must be a positive integer, got {self.hidden_size!r}")
-        if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.hidden_size % self.num_heads:
-            raise EqmError(f"hidden size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if not isinstance(self.temporal_patch, int) or self.temporal_patch < 1:
-            raise EqmError(f"temporal_patch must be a positive integer, got {self.temporal_patch!r}")
-        self.time_channels  # raises with the numbers when the channel split is impossible
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def time_channels(self) -> int:
-        """d_t: sincos channels carrying tau (of hidden_size), or the RoPE time group of one head."""
-        if self.pos == "sincos":
-            return E.sincos_time_channels(self.hidden_size, self.time_frac)
-        return E.rope_split(self.head_dim, self.time_frac)[0]
-
     def omegas(self) -> np.ndarray:
         """The d_t / 2 angular frequencies (rad per unit of tau) of the temporal code, fastest first."""
-        if self.time_channels == 0:
+        if self.arch.time_channels == 0:
             return np.zeros(0)
-        return E.frequencies(self.time_channels, dtype=torch.float64).numpy()
+        return E.frequencies(self.arch.time_channels, dtype=torch.float64).numpy()
 
-    def with_time(self, time_mode: str, ref_fps: Optional[float] = None) -> "EmbedConfig":
-        return replace(self, time_mode=time_mode, ref_fps=self.ref_fps if ref_fps is None else float(ref_fps))
+    def with_time(self, time_mode: str, ref_fps: Optional[float] = None) -> "EmbedView":
+        return replace(self, arch=replace(self.arch, time_mode=time_mode, ref_fps=self.arch.ref_fps if ref_fps is None else ref_fps))
 
     def describe(self) -> str:
         """One line: 'sincos, seconds mode, ref_fps 24, 96 time channels of 384'."""
-        mode = f"seconds mode, ref_fps {self.ref_fps:g}" if self.time_mode == "seconds" else f"{self.time_mode} mode"
-        if self.pos == "sincos":
-            width = f"{self.time_channels} time channels of {self.hidden_size}"
+        a = self.arch
+        mode = f"seconds mode, ref_fps {a.ref_fps:g}" if a.time_mode == "seconds" else f"{a.time_mode} mode"
+        if a.pos == "sincos":
+            width = f"{a.time_channels} time channels of {a.hidden_size}"
         else:
-            width = f"{self.time_channels} time channels of each {self.head_dim}-dim head"
-        patch = f", temporal patch {self.temporal_patch}" if self.temporal_patch > 1 else ""
-        layout = f", {self.time_order} layout" if self.pos == "sincos" and self.time_order != E.DEFAULT_TIME_ORDER else ""
-        return f"{self.pos}, {mode}, {width}{layout}{patch}"
+            width = f"{a.time_channels} time channels of each {a.head_dim}-dim head"
+        patch = f", temporal patch {a.temporal_patch}" if a.temporal_patch > 1 else ""
+        layout = f", {a.time_order} layout" if a.pos == "sincos" and a.time_order != E.DEFAULT_TIME_ORDER else ""
+        return f"{a.pos}, {mode}, {width}{layout}{patch}"
+
+    def to_dict(self) -> dict:
+        """The settings that shape the code, plus source, d_t and the training rates (JSON-able)."""
+        a = self.arch
+        conf = {k: getattr(a, k) for k in EMBED_FIELDS}
+        return {**conf, "source": self.source, "time_channels": a.time_channels,
+                "train_fps": list(self.train_fps) if self.train_fps else None}
 
 
-def config_from_arch(arch: dict, source: str = "arch") -> EmbedConfig:
-    """EmbedConfig from EqMTransformer kwargs (``model.arch_config()`` / state.json ``arch``).
-
-    Missing keys take the model's defaults, as EqMTransformer(**arch) would, except
-    ``time_order``: an arch without it was saved before the key existed and has the first layout.
-    """
-    if not isinstance(arch, dict):
-        raise EqmError(f"{source}: 'arch' must be a mapping of model options")
-    ref = arch.get("ref_fps", E.DEFAULT_REF_FPS)
-    frac = arch.get("time_frac", E.DEFAULT_TIME_FRAC)
-    cfg = EmbedConfig(
-        pos=arch.get("pos", "sincos"),
-        time_mode=arch.get("time_mode", "seconds"),
-        ref_fps=float(ref) if isinstance(ref, (int, float)) else ref,
-        time_frac=float(frac) if isinstance(frac, (int, float)) else frac,
-        time_order=E.arch_time_order(arch),
-        hidden_size=arch.get("hidden_size", DEFAULT_HIDDEN_SIZE),
-        num_heads=arch.get("num_heads", DEFAULT_NUM_HEADS),
-        temporal_patch=arch.get("temporal_patch", 1),
-        source=source,
-    )
-    try:
-        return cfg.validate()
-    except EqmError as e:
-        raise EqmError(f"{source}: {e}") from None
+#: The EqMConfig fields the temporal code depends on (what the report shows).
+EMBED_FIELDS = ("pos", "time_mode", "ref_fps", "time_frac", "time_order", "hidden_size", "num_heads", "temporal_patch")
 
 
 def _fps_range(data: object) -> Optional[tuple[float, float]]:
@@ -147,29 +94,26 @@ def _fps_range(data: object) -> Optional[tuple[float, float]]:
     return (lo, hi) if 0 < lo <= hi else None
 
 
-def config_from_checkpoint(path: PathLike) -> EmbedConfig:
+def view_from_checkpoint(path: PathLike) -> EmbedView:
     """From a checkpoint or run directory: reads state.json only (the code needs no weights)."""
     from .checkpoint import STATE_FILE, load_state, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     state = load_state(ckpt)
-    cfg = config_from_arch(state["arch"], source=str(ckpt / STATE_FILE))
+    arch = EqMConfig.from_dict(state["arch"], str(ckpt / STATE_FILE))
     recipe = state.get("recipe")
     train_fps = _fps_range(recipe.get("data")) if isinstance(recipe, dict) else None
-    return replace(cfg, source=f"checkpoint {ckpt}", train_fps=train_fps)
+    return EmbedView(arch, source=f"checkpoint {ckpt}", train_fps=train_fps)
 
 
-def config_from_recipe(path: PathLike, overrides: Sequence[str] = ()) -> EmbedConfig:
+def view_from_recipe(path: PathLike, overrides: Sequence[str] = ()) -> EmbedView:
     """From a recipe YAML plus ``key=value`` overrides, resolved exactly as training builds the model."""
-    from .model import EQM_SIZES
     from .recipe import load_recipe
-    from .train import model_kwargs
 
     recipe = load_recipe(path, list(overrides))
-    # num_classes does not touch the positional code; the size registry fills what the recipe leaves null
-    kwargs = {**EQM_SIZES[recipe.model.size], **model_kwargs(recipe, num_classes=1)}
-    cfg = config_from_arch(kwargs, source=f"recipe {path}")
-    return replace(cfg, train_fps=(recipe.data.fps_min, recipe.data.fps_max))
+    # num_classes does not touch the positional code
+    arch = recipe.model_config(num_classes=1)
+    return EmbedView(arch, source=f"recipe {path}", train_fps=(recipe.data.fps_min, recipe.data.fps_max))
 
 
 # ============================================================================================
@@ -177,7 +121,7 @@ def config_from_recipe(path: PathLike, overrides: Sequence[str] = ()) -> EmbedCo
 # ============================================================================================
 
 
-def temporal_code(cfg: EmbedConfig, timestamps: torch.Tensor, *, as_added: bool = False) -> torch.Tensor:
+def temporal_code(cfg: EmbedView, timestamps: torch.Tensor, *, as_added: bool = False) -> torch.Tensor:
     """The temporal code of every temporal token: timestamps (B, T) or (T,) seconds -> (B, T / p_t, d_t).
 
     Layout [sin-like half | cos-like half], one column per frequency in each half, fastest first.
@@ -187,17 +131,17 @@ def temporal_code(cfg: EmbedConfig, timestamps: torch.Tensor, *, as_added: bool 
     """
     ts = E.check_timestamps(timestamps)
     tau = E.temporal_coords(
-        ts, ts.shape[1], time_mode=cfg.time_mode, ref_fps=cfg.ref_fps, temporal_patch=cfg.temporal_patch,
+        ts, ts.shape[1], time_mode=cfg.arch.time_mode, ref_fps=cfg.arch.ref_fps, temporal_patch=cfg.arch.temporal_patch,
     )
-    if cfg.pos == "sincos":
-        full = E.sincos_time(tau, cfg.hidden_size, cfg.time_frac, order=cfg.time_order)  # (B, T', D), zero outside the time channels
-        sin_part, cos_part = E.read_sincos_time(full, cfg.hidden_size, cfg.time_frac, order=cfg.time_order)
+    if cfg.arch.pos == "sincos":
+        full = E.sincos_time(tau, cfg.arch.hidden_size, cfg.arch.time_frac, order=cfg.arch.time_order)  # (B, T', D), zero outside the time channels
+        sin_part, cos_part = E.read_sincos_time(full, cfg.arch.hidden_size, cfg.arch.time_frac, order=cfg.arch.time_order)
         if not as_added:
             cos_part = cos_part + 1.0  # undo the image-compat "- 1"
         return torch.cat([sin_part, cos_part], dim=-1)
     coords = E.token_coords(tau, 1, 1)  # (tau, row 0, col 0): the row and column groups stay unrotated
-    cos, sin = E.rope_cos_sin(coords, cfg.head_dim, cfg.time_frac)  # (B, 1, T', head_dim / 2), groups [t | row | col]
-    n = cfg.time_channels // 2
+    cos, sin = E.rope_cos_sin(coords, cfg.arch.head_dim, cfg.arch.time_frac)  # (B, 1, T', head_dim / 2), groups [t | row | col]
+    n = cfg.arch.time_channels // 2
     return torch.cat([cos[:, 0, :, :n], sin[:, 0, :, :n]], dim=-1)
 
 
@@ -228,14 +172,14 @@ def clip_timestamps(fps: Fraction, seconds: float, temporal_patch: int = 1) -> t
     return uniform_timestamps(n, fps, dtype=torch.float32)
 
 
-def adjacent_similarity(cfg: EmbedConfig, fps: Union[float, Fraction, Sequence[float]]) -> np.ndarray:
+def adjacent_similarity(cfg: EmbedView, fps: Union[float, Fraction, Sequence[float]]) -> np.ndarray:
     """Cosine similarity of the codes of two neighbouring temporal tokens at each rate (1 = indistinguishable).
 
     Batched over rates: one clip of 2 tokens per rate, each with its own timestamps (the code is
     per sample, so a batch of rates is what the model would see in a mixed-rate batch).
     """
     rates = np.atleast_1d(np.asarray([float(f) for f in np.atleast_1d(fps)], dtype=np.float64))
-    p = cfg.temporal_patch
+    p = cfg.arch.temporal_patch
     k = torch.arange(2 * p, dtype=torch.float64)
     ts = (k[None, :] / torch.from_numpy(rates)[:, None]).float()  # (R, 2 p_t) seconds
     code = temporal_code(cfg, ts).double()  # (R, 2, d_t)
@@ -244,20 +188,20 @@ def adjacent_similarity(cfg: EmbedConfig, fps: Union[float, Fraction, Sequence[f
     return torch.nn.functional.cosine_similarity(code[:, 0], code[:, 1], dim=-1).numpy()
 
 
-def frequency_hz(cfg: EmbedConfig, fps: Union[float, Fraction]) -> np.ndarray:
+def frequency_hz(cfg: EmbedView, fps: Union[float, Fraction]) -> np.ndarray:
     """Each temporal frequency in Hz (cycles per second of video) for a clip at ``fps``.
 
     seconds: the angle advances by w * ref_fps per second -> Hz = ref_fps * w / (2 pi), the same
     at every rate.  index / fps-embed: tau advances by one per frame, fps per second -> Hz =
     fps * w / (2 pi): always the same fraction of Nyquist, whatever the rate.
     """
-    per_second = cfg.ref_fps if cfg.time_mode == "seconds" else float(fps)
+    per_second = cfg.arch.ref_fps if cfg.arch.time_mode == "seconds" else float(fps)
     return per_second * cfg.omegas() / (2 * math.pi)
 
 
-def nyquist_hz(cfg: EmbedConfig, fps: Union[float, Fraction]) -> float:
+def nyquist_hz(cfg: EmbedView, fps: Union[float, Fraction]) -> float:
     """Half the rate at which temporal tokens sample time (frames / temporal_patch per second)."""
-    return float(fps) / cfg.temporal_patch / 2.0
+    return float(fps) / cfg.arch.temporal_patch / 2.0
 
 
 # ============================================================================================
@@ -311,7 +255,7 @@ class Similarity:
 
 @dataclass
 class EmbedReport:
-    config: EmbedConfig
+    config: EmbedView
     seconds: float
     rows: list[RateRow]
     codes: dict[str, tuple[np.ndarray, np.ndarray]]  # format_fps(rate) -> (token times (T',), code as added (T', d_t))
@@ -328,9 +272,7 @@ class EmbedReport:
     def to_dict(self) -> dict:
         """JSON-able summary (what ``--json`` prints)."""
         cfg = self.config
-        conf = {k: v for k, v in asdict(cfg).items()}
-        conf["time_channels"] = cfg.time_channels
-        conf["train_fps"] = list(cfg.train_fps) if cfg.train_fps else None
+        conf = cfg.to_dict()
         sim = self.similarity
         omegas = self.omegas
         freq = {
@@ -370,15 +312,15 @@ def _parse_rate(value, name: str) -> Fraction:
     return value if isinstance(value, Fraction) else parse_fps(value, name=name)
 
 
-def _similarity(cfg: EmbedConfig, fa: Fraction, fb: Fraction, seconds: float) -> Similarity:
-    ta = clip_timestamps(fa, seconds, cfg.temporal_patch)
-    tb = clip_timestamps(fb, seconds, cfg.temporal_patch)
+def _similarity(cfg: EmbedView, fa: Fraction, fb: Fraction, seconds: float) -> Similarity:
+    ta = clip_timestamps(fa, seconds, cfg.arch.temporal_patch)
+    tb = clip_timestamps(fb, seconds, cfg.arch.temporal_patch)
     m = cosine_matrix(temporal_code(cfg, ta)[0], temporal_code(cfg, tb)[0])
-    return Similarity(fa, fb, cfg.time_mode, token_times(ta, cfg.temporal_patch), token_times(tb, cfg.temporal_patch), m)
+    return Similarity(fa, fb, cfg.arch.time_mode, token_times(ta, cfg.arch.temporal_patch), token_times(tb, cfg.arch.temporal_patch), m)
 
 
 def inspect_embedding(
-    cfg: EmbedConfig,
+    cfg: EmbedView,
     rates: Sequence = (6, 12, 24, 60),  # the slow end (ref_fps 24 aliases below 24 / pi ~= 7.6 fps) to a fast display rate
     *,
     compare: Sequence = (24, 60),
@@ -386,7 +328,6 @@ def inspect_embedding(
     sweep_points: int = 160,
 ) -> EmbedReport:
     """Compute every number and curve of the report for ``cfg`` (no files written; see :func:`write_plots`)."""
-    cfg.validate()
     fr = []
     for r in rates:
         f = _parse_rate(r, "rates")
@@ -409,9 +350,9 @@ def inspect_embedding(
 
     rows, codes = [], {}
     for i, f in enumerate(fr):
-        ts = clip_timestamps(f, seconds, cfg.temporal_patch)
+        ts = clip_timestamps(f, seconds, cfg.arch.temporal_patch)
         code = temporal_code(cfg, ts, as_added=True)[0]
-        codes[format_fps(f)] = (token_times(ts, cfg.temporal_patch), code.numpy())
+        codes[format_fps(f)] = (token_times(ts, cfg.arch.temporal_patch), code.numpy())
         hz = frequency_hz(cfg, f)
         nyq = nyquist_hz(cfg, f)
         rows.append(RateRow(
@@ -422,7 +363,7 @@ def inspect_embedding(
         ))
 
     similarity = _similarity(cfg, fa, fb, seconds)
-    other = index if cfg.time_mode == "seconds" else cfg.with_time("seconds")
+    other = index if cfg.arch.time_mode == "seconds" else cfg.with_time("seconds")
     contrast = _similarity(other, fa, fb, seconds)
 
     # Sweep wide enough to show both ends: the slow rates where fast channels alias and the fast
@@ -431,7 +372,7 @@ def inspect_embedding(
     hi = max(240.0, 2 * max(fl))
     sweep_fps = np.geomspace(lo, hi, sweep_points)
     sweep = {
-        f"this model ({cfg.time_mode}{', ref_fps %g' % cfg.ref_fps if cfg.time_mode == 'seconds' else ''})": adjacent_similarity(cfg, sweep_fps),
+        f"this model ({cfg.arch.time_mode}{', ref_fps %g' % cfg.arch.ref_fps if cfg.arch.time_mode == 'seconds' else ''})": adjacent_similarity(cfg, sweep_fps),
         "raw seconds (ref_fps 1)": adjacent_similarity(raw, sweep_fps),
         "frame index": adjacent_similarity(index, sweep_fps),
     }
@@ -465,8 +406,8 @@ def _heatmap(report: EmbedReport):
     n = len(report.codes)
     fig = Figure(figsize=(9, 1.2 + 1.9 * n), layout="constrained")
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    d_t = cfg.time_channels
-    if cfg.pos == "sincos":
+    d_t = cfg.arch.time_channels
+    if cfg.arch.pos == "sincos":
         what = "sin(v\u2c7c\u03c4) | cos(v\u2c7c\u03c4) \u2212 1, as added to the tokens"
         norm = TwoSlopeNorm(vmin=-2.0, vcenter=0.0, vmax=1.0)
     else:
@@ -481,7 +422,7 @@ def _heatmap(report: EmbedReport):
             ax.axhline(d_t / 2 - 0.5, color="k", lw=0.6)
             ax.set_ylim(d_t - 0.5, -0.5)
         ax.set_ylabel(f"{name} fps\nchannel")
-    axes[-1].set_xlabel("time (s)" + ("  -  index mode: the code follows frame numbers, so a faster rate squeezes it in time" if cfg.time_mode != "seconds" else ""))
+    axes[-1].set_xlabel("time (s)" + ("  -  index mode: the code follows frame numbers, so a faster rate squeezes it in time" if cfg.arch.time_mode != "seconds" else ""))
     fig.suptitle(f"temporal code ({what})\n{cfg.describe()}", fontsize=10)
     if mesh is not None:
         fig.colorbar(mesh, ax=list(axes), shrink=0.8)
@@ -548,10 +489,10 @@ def _frequency_plot(report: EmbedReport):
     colors = [f"C{i % 10}" for i in range(len(report.rows))]
     if len(omegas) == 0:
         ax.text(0.5, 0.5, "no temporal channels (time_frac = 0)", ha="center", va="center", transform=ax.transAxes)
-    elif cfg.time_mode == "seconds":  # one set of frequencies for every rate
-        ax.plot(j, frequency_hz(cfg, 1), "k.-", ms=4, label=f"frequency (ref_fps {cfg.ref_fps:g} \u00b7 w / 2\u03c0)")
+    elif cfg.arch.time_mode == "seconds":  # one set of frequencies for every rate
+        ax.plot(j, frequency_hz(cfg, 1), "k.-", ms=4, label=f"frequency (ref_fps {cfg.arch.ref_fps:g} \u00b7 w / 2\u03c0)")
     for row, c in zip(report.rows, colors):
-        if len(omegas) and cfg.time_mode != "seconds":
+        if len(omegas) and cfg.arch.time_mode != "seconds":
             ax.plot(j, frequency_hz(cfg, row.fps), ".-", color=c, ms=3, label=f"{format_fps(row.fps)} fps (fps \u00b7 w / 2\u03c0)")
         ax.axhline(row.nyquist_hz, color=c, ls="--", lw=1,
                    label=f"Nyquist {format_fps(row.fps)} fps = {row.nyquist_hz:g} Hz ({row.aliased} aliased)")
@@ -561,7 +502,7 @@ def _frequency_plot(report: EmbedReport):
     ax.set_yscale("log")
     ax.set_xlabel("frequency index j (w\u2c7c = 10000^(\u22122j/d\u209c))")
     ax.set_ylabel("Hz (cycles per second of video)")
-    rot = "rotation per second (rad/s)" if cfg.pos == "rope" else "phase advance per second (rad/s)"
+    rot = "rotation per second (rad/s)" if cfg.arch.pos == "rope" else "phase advance per second (rad/s)"
     sec = ax.secondary_yaxis("right", functions=(lambda hz: 2 * np.pi * hz, lambda rad: rad / (2 * np.pi)))
     sec.set_ylabel(rot)
     ax.set_title(f"temporal frequencies against each rate's Nyquist limit\n{cfg.describe()}", fontsize=10)

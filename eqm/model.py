@@ -1,9 +1,9 @@
 """The EqM transformer: a DiT/SiT-style model for clips with real timestamps (docs/reference.md#model).
 
 Read top to bottom: embedders, attention with optional 3D RoPE, the adaLN-Zero block, the final
-layer, the model, and the size registry.  For 4D input it is the official EqM/SiT image model,
-parameter names and shapes included, so an official checkpoint loads with ``strict=True``; video
-input reuses the same modules.  The model is not told gamma (its timestep embedder is fed 0), and
+layer and the model, built from an :class:`eqm.config.EqMConfig`.  For 4D input it is the official
+EqM/SiT image model, parameter names and shapes included, so an official checkpoint loads with
+``strict=True``; video input reuses the same modules.  The model is not told gamma (its timestep embedder is fed 0), and
 explicit-energy models return grad_x E (attention then runs on the math SDPA backend, the only one
 with double backward).  The key table and the video-mode rules: docs/design.md#model.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import embed as E
+from .config import EqMConfig
 from .errors import EqmError
 
 
@@ -192,92 +193,31 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-ENERGY_KINDS = (None, "dot", "l2")
-
-
 class EqMTransformer(nn.Module):
     """Equilibrium Matching transformer over clips (B, C, T, H, W) with per-frame timestamps.
 
-    forward(x, timestamps, y) returns f(x), the learned equilibrium gradient (same shape as x),
-    which points from noise towards data; samplers ascend it.  Checkpoint compatibility:
-    docs/design.md#parameter-names; positional encodings: eqm.embed.
+    ``EqMTransformer(config)`` builds the modules an :class:`~eqm.config.EqMConfig` describes and
+    keeps it as ``model.config``.  forward(x, timestamps, y) returns f(x), the learned equilibrium
+    gradient (same shape as x), which points from noise towards data; samplers ascend it.
+    Checkpoint compatibility: docs/design.md#parameter-names; positional encodings: eqm.embed.
     """
 
-    def __init__(
-        self,
-        input_size=32,
-        in_channels=3,
-        num_frames=16,
-        patch_size=2,
-        temporal_patch=1,
-        hidden_size=384,
-        depth=12,
-        num_heads=6,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        learn_sigma=False,
-        pos="sincos",
-        time_mode="seconds",
-        ref_fps=E.DEFAULT_REF_FPS,
-        time_frac=E.DEFAULT_TIME_FRAC,
-        energy=None,
-        time_order=E.DEFAULT_TIME_ORDER,
-    ):
+    def __init__(self, config: EqMConfig):
         super().__init__()
-        H, W = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if H % patch_size or W % patch_size:
-            raise EqmError(f"model.input_size {H}x{W} is not divisible by patch_size {patch_size}")
-        if num_frames < 1 or num_frames % temporal_patch:
-            raise EqmError(f"model.num_frames={num_frames} is not a positive multiple of temporal_patch={temporal_patch}")
-        if hidden_size % num_heads:
-            raise EqmError(f"model.hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-        if pos not in E.POS_KINDS:
-            raise EqmError(f"model.pos must be one of {', '.join(E.POS_KINDS)}, got {pos!r}")
-        if time_mode not in E.TIME_MODES:
-            raise EqmError(f"model.time.mode must be one of {', '.join(E.TIME_MODES)}, got {time_mode!r}")
-        if energy not in ENERGY_KINDS:
-            raise EqmError(f"objective.energy must be none, dot or l2, got {energy!r}")
-        if not (isinstance(ref_fps, (int, float)) and math.isfinite(ref_fps) and ref_fps > 0):
-            raise EqmError(f"model.time.ref_fps must be a positive number, got {ref_fps!r}")
-        E.check_time_order(time_order)
-        # Check the channel split now (raises with the numbers), not at the first forward.
-        if pos == "sincos":
-            E.sincos_time_channels(hidden_size, time_frac)
-        else:
-            E.rope_split(hidden_size // num_heads, time_frac)
-
-        self.input_size = (H, W)
-        self.in_channels = in_channels
-        self.num_frames = num_frames
-        self.patch_size = patch_size
-        self.temporal_patch = temporal_patch
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        self.class_dropout_prob = class_dropout_prob
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.pos = pos
-        self.time_mode = time_mode
-        self.ref_fps = float(ref_fps)
-        self.time_frac = float(time_frac)
-        self.time_order = time_order
-        self.energy = energy
-        self.grid = (H // patch_size, W // patch_size)
-
-        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size, temporal_patch)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        if time_mode == "fps-embed":
-            self.fps_embedder = FpsEmbedder(hidden_size)
-        if pos == "sincos":
+        if not isinstance(config, EqMConfig):
+            raise TypeError(f"EqMTransformer takes an EqMConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.in_channels, D, cfg.patch_size, cfg.temporal_patch)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        if cfg.time_mode == "fps-embed":
+            self.fps_embedder = FpsEmbedder(D)
+        if cfg.pos == "sincos":
             # Fixed 2D sin/cos, stored like DiT (a Parameter without grad: official key "pos_embed").
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([EqMBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, temporal_patch * patch_size * patch_size, self.out_channels)
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid[0] * cfg.grid[1], D), requires_grad=False)
+        self.blocks = nn.ModuleList([EqMBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(D, cfg.temporal_patch * cfg.patch_size ** 2, cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -288,8 +228,8 @@ class EqMTransformer(nn.Module):
                     nn.init.constant_(module.bias, 0)
 
         self.apply(_basic_init)
-        if self.pos == "sincos":
-            self.pos_embed.data.copy_(E.sincos_grid_2d(self.hidden_size, *self.grid)[None])
+        if self.config.pos == "sincos":
+            self.pos_embed.data.copy_(E.sincos_grid_2d(self.config.hidden_size, *self.config.grid)[None])
         # Patch embedding initialised like nn.Linear (instead of a conv):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
@@ -297,7 +237,7 @@ class EqMTransformer(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.time_mode == "fps-embed":
+        if self.config.time_mode == "fps-embed":
             nn.init.normal_(self.fps_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(self.fps_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output as zero.
@@ -320,26 +260,27 @@ class EqMTransformer(nn.Module):
         timestamps: (B, T) or (T,) seconds, or None (frame-index positions; images: T = 1).
         tau_offset: (B,) temporal offset per clip in tau units (training's ``train.time_shift``).
         """
+        cfg = self.config
         if timestamps is not None:
             timestamps = E.check_timestamps(timestamps, num_frames)
             num_frames = timestamps.shape[1]
             device = timestamps.device
         else:
-            num_frames = self.num_frames if num_frames is None else num_frames
+            num_frames = cfg.num_frames if num_frames is None else num_frames
             device = self.t_embedder.mlp[0].weight.device
         tau = E.temporal_coords(
-            timestamps, num_frames, time_mode=self.time_mode, ref_fps=self.ref_fps,
-            temporal_patch=self.temporal_patch, device=device, offset=tau_offset,
+            timestamps, num_frames, time_mode=cfg.time_mode, ref_fps=cfg.ref_fps,
+            temporal_patch=cfg.temporal_patch, device=device, offset=tau_offset,
         )
-        coords = E.token_coords(tau, *self.grid)  # (B|1, N, 3)
+        coords = E.token_coords(tau, *cfg.grid)  # (B|1, N, 3)
         add = rope = fps = None
-        if self.pos == "sincos":
+        if cfg.pos == "sincos":
             spatial = self.pos_embed.float().repeat(1, tau.shape[1], 1)  # the (loadable) image table, per frame
-            add = spatial + E.sincos_time(coords[..., 0], self.hidden_size, self.time_frac, order=self.time_order)
+            add = spatial + E.sincos_time(coords[..., 0], cfg.hidden_size, cfg.time_frac, order=cfg.time_order)
         else:
-            rope = E.rope_cos_sin(coords, self.hidden_size // self.num_heads, self.time_frac)
-        if self.time_mode == "fps-embed":
-            fps = E.clip_fps(timestamps, self.ref_fps, device=device)
+            rope = E.rope_cos_sin(coords, cfg.hidden_size // cfg.num_heads, cfg.time_frac)
+        if cfg.time_mode == "fps-embed":
+            fps = E.clip_fps(timestamps, cfg.ref_fps, device=device)
         return E.Positions(add=add, rope=rope, fps=fps, num_frames=num_frames, num_tokens=coords.shape[1])
 
     # ------------------------------------------------------------------ forward
@@ -347,27 +288,28 @@ class EqMTransformer(nn.Module):
     def unpatchify(self, x, T):
         """(B, N, p_t*p*p*C_out) -> (B, C_out, T, H, W); per frame this is DiT's 'nhwpqc->nchpwq'."""
         B = x.shape[0]
-        pt, p, c = self.temporal_patch, self.patch_size, self.out_channels
-        h, w = self.grid
+        pt, p, c = self.config.temporal_patch, self.config.patch_size, self.config.out_channels
+        h, w = self.config.grid
         x = x.reshape(B, T // pt, h, w, pt, p, p, c)
         x = torch.einsum("nthwupqc->nctuhpwq", x)
         return x.reshape(B, c, T, h * p, w * p)
 
     def _check_input(self, x):
         if x.ndim == 4:
-            if self.temporal_patch != 1:
-                raise EqmError(f"a model with temporal_patch={self.temporal_patch} needs clips (B, C, T, H, W), got an image batch")
+            if self.config.temporal_patch != 1:
+                raise EqmError(f"a model with temporal_patch={self.config.temporal_patch} needs clips (B, C, T, H, W), got an image batch")
             x = x.unsqueeze(2)
         if x.ndim != 5:
             raise EqmError(f"model input must be (B, C, T, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
         B, C, T, H, W = x.shape
-        if C != self.in_channels or (H, W) != self.input_size:
+        cfg = self.config
+        if C != cfg.in_channels or (H, W) != cfg.input_size:
             raise EqmError(
-                f"model expects {self.in_channels} channels at {self.input_size[0]}x{self.input_size[1]}, "
+                f"model expects {cfg.in_channels} channels at {cfg.input_size[0]}x{cfg.input_size[1]}, "
                 f"got {C} channels at {H}x{W}"
             )
-        if T % self.temporal_patch:
-            raise EqmError(f"{T} frames cannot be cut into temporal patches of {self.temporal_patch}")
+        if T % self.config.temporal_patch:
+            raise EqmError(f"{T} frames cannot be cut into temporal patches of {self.config.temporal_patch}")
         return x
 
     def network(self, x, y=None, pos: Optional[E.Positions] = None, math_sdpa=False):
@@ -384,7 +326,7 @@ class EqMTransformer(nn.Module):
         if pos.add is not None:
             tokens = tokens + pos.add.to(tokens.dtype)
         if y is None:
-            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+            y = torch.full((B,), self.config.num_classes, dtype=torch.long, device=x.device)
         t = self.t_embedder(torch.zeros(B, device=x.device))  # EqM: the model is never told gamma
         c = t + self.y_embedder(y, self.training)
         if pos.fps is not None:
@@ -392,12 +334,12 @@ class EqMTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, c, pos.rope, math_sdpa)
         out = self.unpatchify(self.final_layer(tokens, c), T)
-        if self.learn_sigma:
-            out = out[:, : self.in_channels]
+        if self.config.learn_sigma:
+            out = out[:, : self.config.in_channels]
         return out
 
     def _energy(self, x, h):
-        if self.energy == "dot":
+        if self.config.energy == "dot":
             return (x * h).flatten(1).sum(1)
         return -0.5 * h.pow(2).flatten(1).sum(1)
 
@@ -412,7 +354,7 @@ class EqMTransformer(nn.Module):
         x5 = self._check_input(x)
         if pos is None:
             pos = self.positions(timestamps, x5.shape[2])
-        if self.energy is None:
+        if self.config.energy is None:
             out = self.network(x5, y, pos)
         else:
             create = torch.is_grad_enabled() if create_graph is None else create_graph
@@ -428,61 +370,9 @@ class EqMTransformer(nn.Module):
         Sampling ascends E; the usual EBM energy (low = likely) is -E, which is what the official
         code's get_energy returns.
         """
-        if self.energy is None:
-            raise EqmError("this model has no explicit energy (objective.energy is none)")
+        if self.config.energy is None:
+            raise EqmError("this model has no explicit energy (its config has energy=None)")
         x5 = self._check_input(x)
         if pos is None:
             pos = self.positions(timestamps, x5.shape[2])
         return self._energy(x5, self.network(x5, y, pos))
-
-    # ------------------------------------------------------------------ config
-
-    def arch_config(self) -> dict:
-        """JSON-able constructor kwargs: EqMTransformer(**model.arch_config()) rebuilds the model."""
-        return dict(
-            input_size=list(self.input_size),
-            in_channels=self.in_channels,
-            num_frames=self.num_frames,
-            patch_size=self.patch_size,
-            temporal_patch=self.temporal_patch,
-            hidden_size=self.hidden_size,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            class_dropout_prob=self.class_dropout_prob,
-            num_classes=self.num_classes,
-            learn_sigma=self.learn_sigma,
-            pos=self.pos,
-            time_mode=self.time_mode,
-            ref_fps=self.ref_fps,
-            time_frac=self.time_frac,
-            time_order=self.time_order,
-            energy=self.energy,
-        )
-
-    @classmethod
-    def from_config(cls, config: dict) -> "EqMTransformer":
-        return cls(**config)
-
-
-#################################################################################
-#                                   EqM sizes                                   #
-#################################################################################
-
-EQM_SIZES = {
-    # CPU sizes (tests, the tiny synthetic recipe)
-    "tiny": dict(hidden_size=64, depth=4, num_heads=4),
-    "mini": dict(hidden_size=128, depth=6, num_heads=4),
-    # the EqM / SiT / DiT family
-    "S": dict(hidden_size=384, depth=12, num_heads=6),
-    "B": dict(hidden_size=768, depth=12, num_heads=12),
-    "L": dict(hidden_size=1024, depth=24, num_heads=16),
-    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
-}
-
-
-def create_model(size: str, **overrides) -> EqMTransformer:
-    """EqMTransformer of a registered size ("tiny", "mini", "S", "B", "L", "XL"); kwargs override."""
-    if size not in EQM_SIZES:
-        raise EqmError(f"model.size must be one of {', '.join(EQM_SIZES)}, got {size!r}")
-    return EqMTransformer(**{**EQM_SIZES[size], **overrides})

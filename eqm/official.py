@@ -183,7 +183,7 @@ def _depth(sd: dict) -> int:
 
 def _heads(size: Optional[str], hidden: int, depth: int, source: str) -> int:
     """Attention heads: not visible in any shape, so from the named size or a registered one that fits."""
-    from .model import EQM_SIZES
+    from .config import EQM_SIZES
 
     if size is not None:
         return EQM_SIZES[size]["num_heads"]
@@ -200,7 +200,7 @@ def _named_size(args: dict, source: str) -> tuple[Optional[str], Optional[int]]:
     name = args.get("model")
     if name is None:
         return None, None
-    from .model import EQM_SIZES
+    from .config import EQM_SIZES
 
     m = _MODEL_NAME.match(str(name))
     if not m or m.group(1) not in EQM_SIZES:
@@ -209,13 +209,13 @@ def _named_size(args: dict, source: str) -> tuple[Optional[str], Optional[int]]:
 
 
 def official_arch(args: dict, sd: dict, source: str = "checkpoint") -> dict:
-    """EqMTransformer keyword arguments for an official image checkpoint.
+    """The EqMConfig fields (``EqMConfig.from_dict`` reads them) of an official image checkpoint.
 
     Shapes decide hidden size, depth, patch, channels, classes and learn_sigma; ``args.model``
     (e.g. "EqM-XL/2") gives the heads and must agree with the shapes; ``args.image_size`` / 8 is
     the latent size and must agree with ``pos_embed``; ``args.ebm`` gives the energy.
     """
-    from .model import EQM_SIZES
+    from .config import EQM_SIZES
 
     D, C, p, p2 = _shape(sd, "x_embedder.proj.weight", source, ndim=4)
     n_tok = _shape(sd, "pos_embed", source, ndim=3)[1]
@@ -310,9 +310,11 @@ def load_official_model(path: PathLike, weights: str = "ema", device="cpu"):
 
     Returns ``(model, loaded)`` with ``loaded`` the :class:`LoadedWeights` (args, notes).
     """
-    from .checkpoint import build_model_from_arch, load_into
+    from .checkpoint import load_into
+    from .config import EqMConfig
+    from .model import EqMTransformer
 
     loaded = read_official(path, weights)
-    model = build_model_from_arch(loaded.arch, loaded.source)
+    model = EqMTransformer(EqMConfig.from_dict(loaded.arch, loaded.source))
     load_into(model, loaded.state_dict, loaded.source)
     return model.to(device).eval(), loaded

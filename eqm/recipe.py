@@ -23,8 +23,8 @@ Two small conveniences, documented because they bend "strict" on purpose:
 * ``objective.energy``, ``data.root`` and the other optional fields take YAML ``null``; for
   ``objective.energy`` and ``tracking.backend`` the string ``none`` is accepted as well.
 
-This module does not import torch (the CLI validates recipes before loading heavy modules),
-except for the model-size check, which reads the size registry of :mod:`eqm.model`.
+This module does not import torch (the CLI validates recipes before loading heavy modules); the
+architecture is checked by building its :class:`eqm.config.EqMConfig`, which is torch-free too.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import EqmError
+
+if typing.TYPE_CHECKING:
+    from .config import ConfigError, EqMConfig
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None):
@@ -268,6 +271,54 @@ class Recipe:
             obj = getattr(obj, part)
         return obj
 
+    def model_config(self, num_classes: int, shape: Optional[tuple] = None, **fixed: Any) -> "EqMConfig":
+        """The :class:`~eqm.config.EqMConfig` this recipe trains: ``model.size`` plus every recipe
+        key of :data:`ARCH_KEYS` that is set.  From the caller: ``num_classes`` (the dataset's when
+        the recipe says null), ``shape`` (C, T, H, W) of the model's input (default: the pixels of
+        ``data``; in latent space eqm.latent.model_input_shape) and ``fixed`` (e.g. a resumed
+        checkpoint's ``time_order``).  Raises EqmError naming the recipe key at fault."""
+        from .config import ConfigError, EqMConfig
+
+        C, T, H, W = shape or (3, self.data.num_frames, self.data.height, self.data.width)
+        values = {f: v for f, key in ARCH_KEYS.items() if key is not None and (v := self.get(key)) is not None}
+        values.update(in_channels=C, num_frames=T, input_size=(H, W), num_classes=num_classes, **fixed)
+        try:
+            return EqMConfig.from_size(self.model.size, **values)
+        except ConfigError as e:
+            raise EqmError(_recipe_terms(e)) from None
+
+
+#: The recipe key of every EqMConfig field (None: not set from a recipe key).  A new model option
+#: is a field of EqMConfig plus a recipe field named here (test_recipe checks the two agree).
+ARCH_KEYS: dict[str, Optional[str]] = {
+    "input_size": None,  # the input shape: data.height/width in pixels, the latents' in latent space
+    "in_channels": None,  # 3 (RGB pixels) or the latents' channels
+    "num_frames": None,  # data.num_frames in pixels, the latents' frames in latent space
+    "patch_size": "model.patch_size",
+    "temporal_patch": "model.temporal_patch",
+    "hidden_size": "model.hidden_size",
+    "depth": "model.depth",
+    "num_heads": "model.num_heads",
+    "mlp_ratio": "model.mlp_ratio",
+    "class_dropout_prob": "model.class_dropout_prob",
+    "num_classes": None,  # model.num_classes, or the dataset's count when null
+    "learn_sigma": "model.learn_sigma",
+    "pos": "model.pos",
+    "time_mode": "model.time.mode",
+    "ref_fps": "model.time.ref_fps",
+    "time_frac": "model.time.frac",
+    "time_order": "model.time.order",
+    "energy": "objective.energy",
+}
+_FIELD_KEYS = {**{f: k for f, k in ARCH_KEYS.items() if k}, "input_size": "data.height/data.width",
+               "num_frames": "data.num_frames", "num_classes": "model.num_classes", "size": "model.size"}
+
+
+def _recipe_terms(e: "ConfigError") -> str:
+    """An EqMConfig message, which starts with the field name, restated with the recipe key."""
+    text, key = str(e), _FIELD_KEYS.get(e.field)
+    return key + text[len(e.field):] if key and text.startswith(e.field) else text
+
 
 # ============================================================================================
 # Generic typed conversion
@@ -485,16 +536,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     m, t, o, d, tr, s = recipe.model, recipe.model.time, recipe.objective, recipe.data, recipe.train, recipe.sample
     if recipe.name is not None:
         need(bool(re.fullmatch(r"[\w.+-]+", recipe.name)), "name", "must be a non-empty file-name-safe word (letters, digits, . _ + -)")
-    # model
-    need(m.patch_size >= 1, "model.patch_size", "must be >= 1")
-    need(m.temporal_patch >= 1, "model.temporal_patch", "must be >= 1")
-    need(t.ref_fps is None or t.ref_fps > 0, "model.time.ref_fps", "must be > 0")
-    need(t.frac is None or 0 < t.frac <= 0.5 or m.pos == "rope" and 0 < t.frac < 1, "model.time.frac", "must be in (0, 0.5] (sincos) or (0, 1) (rope)")
     need(m.num_classes is None or m.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional) or null")
-    need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
-    for k in ("hidden_size", "depth", "num_heads"):
-        need(getattr(m, k) is None or getattr(m, k) >= 1, f"model.{k}", "must be >= 1 or null")
-    need(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
     # objective
     need(0.0 <= o.a < 1.0, "objective.a", "must be in [0, 1)")
     need(o.lam > 0, "objective.lam", "must be > 0")
@@ -506,10 +548,6 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     need(d.fps_min <= d.fps_max, "data.fps_min", f"must be <= data.fps_max ({d.fps_max:g})")
     need(d.height >= 1, "data.height", "must be >= 1")
     need(d.width >= 1, "data.width", "must be >= 1")
-    if recipe.vae.path is None and d.source != "latents":  # in latent space the latents' shape is checked
-        need(d.height % m.patch_size == 0, "data.height", f"must be divisible by model.patch_size ({m.patch_size})")
-        need(d.width % m.patch_size == 0, "data.width", f"must be divisible by model.patch_size ({m.patch_size})")
-        need(d.num_frames % m.temporal_patch == 0, "data.num_frames", f"must be divisible by model.temporal_patch ({m.temporal_patch})")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     if d.source == "folder":
         need(bool(d.root), "data.root", "must be set when data.source is folder")
@@ -558,18 +596,15 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     need(s.cfg_scale >= 0, "sample.cfg_scale", "must be >= 0")
     if s.cfg_scale != 1.0:
         need(m.num_classes != 0, "sample.cfg_scale", "must be 1 for an unconditional model (model.num_classes: 0)")
-    # model size: the registry lives with the model (imports torch, so checked last)
-    from .model import EQM_SIZES
-
-    if m.size not in EQM_SIZES:
-        lower = {k.lower(): k for k in EQM_SIZES}
-        close = [lower[m.size.lower()]] if m.size.lower() in lower else difflib.get_close_matches(m.size, list(EQM_SIZES), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise EqmError(f"{where}: model.size must be one of {', '.join(EQM_SIZES)}, got {m.size!r}{hint}")
-    D = m.hidden_size or EQM_SIZES[m.size]["hidden_size"]
-    H = m.num_heads or EQM_SIZES[m.size]["num_heads"]
-    if D % H:
-        raise EqmError(f"{where}: model.hidden_size ({D}) must be divisible by model.num_heads ({H})")
+    # model: the architecture checks itself (EqMConfig); with num_classes null (the dataset's) any
+    # count fits.  In latent space the input shape is the latents' (checked when the model is built
+    # from them): a one-token stand-in lets every other field be checked now.
+    latent = recipe.vae.path is not None or d.source == "latents"
+    stand_in = (1, m.temporal_patch, m.patch_size, m.patch_size) if latent else None
+    try:
+        recipe.model_config(num_classes=m.num_classes or 0, shape=stand_in)
+    except EqmError as e:
+        raise EqmError(f"{where}: {e}") from None
     return recipe
 
 

@@ -346,7 +346,7 @@ def interpolate_frames(
     originals clamped.  duration: seconds the input plays (default: :func:`video_duration`).
     vfr: whether pts are irregular (default: detected).  fps_in: the declared input rate (for
     the error message when a constant-rate input does not fit the new grid).  window: output
-    frames per model call (default model.num_frames, widened with a notice when originals are
+    frames per model call (default model.config.num_frames, widened with a notice when originals are
     further apart; a multiple of the model's temporal patch).  label: class id for a
     class-conditional model (None: the null label, i.e. unconditional).  Sampler options as in
     :func:`eqm.sampler.sample`.  progress(done, total) is called after each window batch.
@@ -366,20 +366,20 @@ def interpolate_frames(
         raise EqmError(f"need one pts per frame: {frames.shape[0]} frames, pts shape {tuple(pts.shape)}")
     fps = _rate(fps)
     check_retime_vae(model, vae)
-    tp = int(getattr(model, "temporal_patch", 1))
+    tp = int(model.config.temporal_patch)
     if window is not None and (isinstance(window, bool) or int(window) != window):
         raise EqmError(f"--window must be a whole number of frames, got {window!r}")
-    L = int(model.num_frames if window is None else window)
+    L = int(model.config.num_frames if window is None else window)
     if L < 2:
         raise EqmError(f"--window must be at least 2 frames, got {L}")
     if L % tp:
         raise EqmError(f"--window {L} must be a multiple of the model's temporal patch ({tp} frames)")
     if label is not None:
-        if model.num_classes <= 0:
+        if model.config.num_classes <= 0:
             raise EqmError("--label given but the model was trained without classes")
-        if not 0 <= int(label) < model.num_classes:
+        if not 0 <= int(label) < model.config.num_classes:
             raise EqmError(
-                f"--label {label} is out of range: the model has {model.num_classes} classes (0..{model.num_classes - 1})"
+                f"--label {label} is out of range: the model has {model.config.num_classes} classes (0..{model.config.num_classes - 1})"
             )
     if batch_size is not None and batch_size < 1:
         raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
@@ -392,7 +392,7 @@ def interpolate_frames(
     n_out = max(output_frame_count(duration, fps), int(slots[-1]) + 1)
     H, W = frames.shape[1:3]
     _check_memory(n_out, frames.shape[1:])
-    if getattr(model, "time_mode", "seconds") == "index":
+    if model.config.time_mode == "index":
         notices.append(
             "this model numbers frames by index (time_mode=index): it cannot see the new rate, so its in-betweens "
             "move at the speed of its training clips"
@@ -417,8 +417,8 @@ def interpolate_frames(
     if not wins:
         notices.append(f"the input already has a frame at every output time at {format_fps(fps)} fps: nothing to generate")
     n_total = max([n_out] + [w.start + L for w in wins])  # windows may run past the end: extra slots are discarded
-    h, w_ = model.input_size
-    C = model.in_channels
+    h, w_ = model.config.input_size
+    C = model.config.in_channels
     px = (h, w_) if vae is None else (h * vae.spatial, w_ * vae.spatial)  # the model's frame size in pixels
     device = next(model.parameters()).device
 
@@ -493,17 +493,17 @@ def check_retime_vae(model, vae) -> None:
     several frames, so an original can neither be kept and clamped on its own nor an in-between
     be placed at its own timestamp."""
     if vae is None:
-        if model.in_channels != 3:
-            raise EqmError(f"this model works in a VAE's latent space ({model.in_channels} channels): retime needs "
+        if model.config.in_channels != 3:
+            raise EqmError(f"this model works in a VAE's latent space ({model.config.in_channels} channels): retime needs "
                            f"its VAE (recorded in the checkpoint; --vae PATH if the folder moved)")
         return
     if vae.temporal > 1:
         raise EqmError(f"--mode model needs a per-frame VAE, and this model's ({vae.describe()}) turns {vae.temporal} "
                        f"frames into one latent frame, so original frames cannot be kept and clamped one by one; "
                        f"use --mode resample, or a model trained through a per-frame VAE such as SD-VAE")
-    if vae.latent_channels != model.in_channels:
+    if vae.latent_channels != model.config.in_channels:
         raise EqmError(f"the VAE {vae.identity.describe()} makes {vae.latent_channels}-channel latents, the model takes "
-                       f"{model.in_channels}")
+                       f"{model.config.in_channels}")
 
 
 # =============================================================================================

@@ -177,7 +177,7 @@ def sample(
     # Positional encodings: once per run; for guidance, for the [cond; uncond] double batch.
     if guided:
         pos = model.positions(None if timestamps is None else torch.cat([timestamps, timestamps]), T)
-        y_null = torch.full_like(y, model.num_classes)
+        y_null = torch.full_like(y, model.config.num_classes)
     else:
         pos = model.positions(timestamps, T)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint as ckpt_io
-from .embed import DEFAULT_TIME_ORDER, arch_time_order
+from .config import EqMConfig
 from .errors import EqmError
 from .recipe import Recipe
 from .rundir import RunDir
@@ -125,43 +125,19 @@ def resolve_num_classes(recipe: Recipe, dataset) -> int:
     return n
 
 
-def model_kwargs(recipe: Recipe, num_classes: int, shape: Optional[tuple] = None) -> dict:
-    """EqMTransformer kwargs from a recipe; shape (C, T, H, W) of the model's input (default: the
-    pixels of `data`; in latent space eqm.latent.model_input_shape)."""
-    m, d = recipe.model, recipe.data
-    C, T, H, W = shape or (3, d.num_frames, d.height, d.width)
-    kw: dict[str, Any] = dict(
-        input_size=(H, W), in_channels=C, num_frames=T,
-        patch_size=m.patch_size, temporal_patch=m.temporal_patch, mlp_ratio=m.mlp_ratio,
-        class_dropout_prob=m.class_dropout_prob, num_classes=num_classes, learn_sigma=m.learn_sigma,
-        pos=m.pos, time_mode=m.time.mode, energy=recipe.objective.energy,
-    )
-    if m.time.ref_fps is not None:
-        kw["ref_fps"] = float(m.time.ref_fps)
-    if m.time.frac is not None:
-        kw["time_frac"] = float(m.time.frac)
-    kw["time_order"] = m.time.order or DEFAULT_TIME_ORDER
-    for k in ("hidden_size", "depth", "num_heads"):
-        if getattr(m, k) is not None:
-            kw[k] = getattr(m, k)
-    return kw
-
-
 def build_model(recipe: Recipe, num_classes: int, *, time_order: Optional[str] = None,
                 shape: Optional[tuple] = None):
     """The model of a recipe, initialised from ``train.seed`` (identical on every rank).
 
     time_order: the sincos layout to use instead of the recipe's (a resumed run keeps its checkpoint's).
-    shape: (C, T, H, W) of its input, see model_kwargs.
+    shape: (C, T, H, W) of its input, see Recipe.model_config.
     """
-    from .model import create_model
+    from .model import EqMTransformer
 
-    kw = model_kwargs(recipe, num_classes, shape)
-    if time_order is not None:
-        kw["time_order"] = time_order
+    config = recipe.model_config(num_classes, shape, **({} if time_order is None else {"time_order": time_order}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)
-        return create_model(recipe.model.size, **kw)
+        return EqMTransformer(config)
 
 
 def apply_init_from(model, recipe: Recipe):
@@ -187,7 +163,7 @@ def resume_time_order(recipe: Recipe, state: dict, ckpt) -> str:
     an explicit order that differs from the checkpoint's is an error, since the weights were
     trained against the other layout and would load without complaint.
     """
-    saved = arch_time_order(state["arch"])
+    saved = EqMConfig.from_dict(state["arch"], str(ckpt)).time_order
     asked = recipe.model.time.order
     if asked is not None and asked != saved:
         raise EqmError(
@@ -408,8 +384,8 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
         "first_clip_fps": float(item.get("fps", float("nan"))),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "tokens_per_clip": (model.num_frames // recipe.model.temporal_patch) * model.grid[0] * model.grid[1],
-        "arch": model.arch_config(),
+        "tokens_per_clip": (model.config.num_frames // recipe.model.temporal_patch) * model.config.grid[0] * model.config.grid[1],
+        "arch": model.config.to_dict(),
         "init_from": None if init_report is None else {"source": init_report.source, "weights": init_report.weights,
                                                        "rows": init_report.rows()},
         "optimizer": f"AdamW(lr={t.lr:g}, weight_decay={t.weight_decay:g}) with {len(opt.param_groups[0]['params'])} tensors",
@@ -552,9 +528,10 @@ def write_preview(model, recipe: Recipe, path: Path, device, space=None) -> Path
     n = t.preview_samples
     plan = plan_latents(fps, T, space.temporal if space is not None else 1)
     ts = plan.latent_timestamps.to(device=device, dtype=torch.float32)
-    y = torch.arange(n, device=device) % model.num_classes if model.num_classes > 0 else None
+    cfg = model.config
+    y = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes > 0 else None
     gen = torch.Generator().manual_seed(derive_seed(t.seed, "preview"))
-    shape = (n, model.in_channels, plan.num_latents, *model.input_size)
+    shape = (n, cfg.in_channels, plan.num_latents, *cfg.input_size)
     out = sample(
         model, shape, ts.expand(n, -1), y, method=s.method, steps=s.steps, step_size=s.step_size,
         momentum=s.momentum, tol=s.tol, cfg_scale=s.cfg_scale if y is not None else 1.0, generator=gen,
@@ -904,7 +881,7 @@ class _Loop:
         pos = None
         if t.time_shift > 0:  # a random start time per clip, in tau units
             self.shift_gen.manual_seed(derive_seed(t.seed, "time_shift", self.step, micro, self.rank))
-            shift = torch.rand(x.shape[0], generator=self.shift_gen) * (t.time_shift * run.raw_model.ref_fps)
+            shift = torch.rand(x.shape[0], generator=self.shift_gen) * (t.time_shift * run.raw_model.config.ref_fps)
             pos = run.raw_model.positions(ts, x.shape[2], tau_offset=shift.to(device))
         with run.accelerator.accumulate(run.model):
             loss, _ = eqm_loss(run.model, x, ts, y, a=run.recipe.objective.a, lam=run.recipe.objective.lam,
@@ -996,7 +973,7 @@ class _Loop:
         if run.accelerator.scaler is not None:
             opt_state["scaler"] = run.accelerator.scaler.state_dict()
         return run.files.save_checkpoint(
-            self.step, model=run.raw_model, ema=run.ema.module, arch=run.raw_model.arch_config(),
+            self.step, model=run.raw_model, ema=run.ema.module, config=run.raw_model.config,
             recipe=run.recipe.to_dict(), optimizer_state=opt_state,
             extra={"world_size": self.world, "loss": self.final_loss, "guard": self.guard.state(),
                    "class_names": list(getattr(run.dataset, "class_names", []) or []),

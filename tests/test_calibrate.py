@@ -115,16 +115,17 @@ def random_run(tmp_path):
     """A checkpoint on disk of a small random-weight seconds model with a synthetic recipe (no
     training: the command's plumbing does not need a good model)."""
     from eqm import checkpoint as C
+    from eqm.config import EqMConfig
     from eqm.model import EqMTransformer
 
     torch.manual_seed(0)
-    m = EqMTransformer(input_size=12, num_frames=6, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
-                       class_dropout_prob=0.1, time_mode="seconds")
+    m = EqMTransformer(EqMConfig(input_size=12, num_frames=6, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                       class_dropout_prob=0.1, time_mode="seconds"))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.2 * torch.randn(p.shape))
     run_dir = tmp_path / "run"
-    C.save_checkpoint(run_dir, 5, model=m, ema=m, arch=m.arch_config(), recipe=SMALL_RECIPE)
+    C.save_checkpoint(run_dir, 5, model=m, ema=m, config=m.config, recipe=SMALL_RECIPE)
     return run_dir
 
 

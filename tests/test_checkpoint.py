@@ -11,6 +11,7 @@ import torch
 
 from eqm import checkpoint as C
 from eqm.errors import EqmError
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 
 ARCH = dict(input_size=8, num_frames=2, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
@@ -18,12 +19,12 @@ ARCH = dict(input_size=8, num_frames=2, patch_size=4, hidden_size=16, depth=1, n
 
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    return EqMTransformer(**{**ARCH, **kw})
+    return EqMTransformer(EqMConfig(**{**ARCH, **kw}))
 
 
 def save(run, step, model=None, ema=None, keep_last=0, opt_state=None):
     model = model or tiny()
-    return C.save_checkpoint(run, step, model=model, ema=ema, arch=model.arch_config(),
+    return C.save_checkpoint(run, step, model=model, ema=ema, config=model.config,
                              recipe={"name": "t", "train": {"lr": 1.0}}, optimizer_state=opt_state, keep_last=keep_last)
 
 
@@ -45,7 +46,7 @@ def test_save_load_roundtrip(tmp_path):
     assert ck == run / "checkpoints" / "step_0000007"
     assert sorted(os.listdir(ck)) == ["ema.safetensors", "model.safetensors", "optim.pt", "state.json"]
     state = json.loads((ck / "state.json").read_text())
-    assert state["step"] == 7 and state["arch"] == model.arch_config() and state["recipe"]["name"] == "t"
+    assert state["step"] == 7 and state["arch"] == model.config.to_dict() and state["recipe"]["name"] == "t"
 
     loaded, st = C.load_model(ck, use_ema=True)
     assert st["step"] == 7 and st["weights"].endswith("ema.safetensors")

@@ -8,7 +8,8 @@ import torch
 
 from eqm import embed as E
 from eqm.errors import EqmError
-from eqm.model import EQM_SIZES, EqMTransformer
+from eqm.config import EQM_SIZES, EqMConfig
+from eqm.model import EqMTransformer
 from eqm.timebase import uniform_timestamps
 
 
@@ -158,10 +159,10 @@ def test_time_offset_shifts_each_clip_and_model_positions_follow():
         torch.testing.assert_close(E.temporal_coords(ts, 4, time_mode=mode, ref_fps=24.0, offset=off), base + off[:, None])
     with pytest.raises(EqmError, match="2 clips"):
         E.temporal_coords(ts, 4, offset=torch.zeros(3))
-    model = EqMTransformer(input_size=8, num_frames=4, patch_size=2, in_channels=3, hidden_size=32, depth=1,
-                           num_heads=2, num_classes=0)
-    tau = E.temporal_coords(ts, 4, ref_fps=model.ref_fps) + off[:, None]
-    want = model.pos_embed.float().repeat(1, 4, 1) + E.sincos_time(E.token_coords(tau, 4, 4)[..., 0], 32, model.time_frac)
+    model = EqMTransformer(EqMConfig(input_size=8, num_frames=4, patch_size=2, in_channels=3, hidden_size=32, depth=1,
+                           num_heads=2, num_classes=0))
+    tau = E.temporal_coords(ts, 4, ref_fps=model.config.ref_fps) + off[:, None]
+    want = model.pos_embed.float().repeat(1, 4, 1) + E.sincos_time(E.token_coords(tau, 4, 4)[..., 0], 32, model.config.time_frac)
     torch.testing.assert_close(model.positions(ts, tau_offset=off).add, want)
     assert torch.equal(model.positions(ts, tau_offset=torch.zeros(2)).add, model.positions(ts).add)
 
@@ -222,7 +223,7 @@ def test_paired_order_keeps_time_off_the_varying_spatial_channels():
         # at the default quarter both layouts use only the flat half of the spatial frequencies (~0.01)
         assert _interference("aligned", dim, 0.25) < 0.02
         assert _interference("paired", dim, 0.25) < 0.02
-    with pytest.raises(EqmError, match="model.time.order"):
+    with pytest.raises(EqmError, match="time_order"):
         E.sincos_time(torch.zeros(2), 64, 0.5, order="sideways")
 
 

@@ -9,6 +9,7 @@ import torch
 
 from eqm import checkpoint as C
 from eqm import fsio
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 
 
@@ -96,10 +97,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 
 def test_checkpoint_weights_are_fsynced_before_publication(tmp_path, monkeypatch, umask):
     umask(0o022)
-    model = EqMTransformer(input_size=8, num_frames=2, patch_size=4, hidden_size=16, depth=1, num_heads=2)
+    model = EqMTransformer(EqMConfig(input_size=8, num_frames=2, patch_size=4, hidden_size=16, depth=1, num_heads=2))
     run = tmp_path / "run"
     events = trace_fs(monkeypatch)
-    ck = C.save_checkpoint(run, 1, model=model, ema=model, arch=model.arch_config(), recipe={},
+    ck = C.save_checkpoint(run, 1, model=model, ema=model, config=model.config, recipe={},
                            optimizer_state={"step": torch.tensor(1)})
     publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(ck))
     synced_before = {os.path.basename(e[1]) for e in events[:publish] if e[0] == "fsync"}
@@ -109,6 +110,6 @@ def test_checkpoint_weights_are_fsynced_before_publication(tmp_path, monkeypatch
     assert {mode(p) for p in ck.iterdir()} == {0o644}
     # republishing the same step replaces it whole
     events.clear()
-    C.save_checkpoint(run, 1, model=model, arch=model.arch_config(), recipe={"again": 1})
+    C.save_checkpoint(run, 1, model=model, config=model.config, recipe={"again": 1})
     assert C.load_state(ck)["recipe"] == {"again": 1} and not (ck / C.EMA_FILE).exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]

@@ -16,17 +16,17 @@ from eqm import embed as E
 from eqm.errors import EqmError
 from eqm.inspect import (
     PLOT_FILES,
-    EmbedConfig,
+    EmbedView,
     adjacent_similarity,
     clip_timestamps,
-    config_from_arch,
-    config_from_checkpoint,
-    config_from_recipe,
     frequency_hz,
     inspect_embedding,
     temporal_code,
+    view_from_checkpoint,
+    view_from_recipe,
     write_plots,
 )
+from eqm.config import ConfigError, EqMConfig
 from eqm.model import EqMTransformer
 from eqmctl.cli import app
 
@@ -44,8 +44,8 @@ def expected_adjacent(d_t, step):
 
 
 # Independent channel counts: sincos d_t = time_frac * D; rope d_t = time_frac * head_dim (even).
-SINCOS = (EmbedConfig(pos="sincos", hidden_size=384, num_heads=6), 96)
-ROPE = (EmbedConfig(pos="rope", hidden_size=384, num_heads=6), 16)
+SINCOS = (EmbedView(EqMConfig(pos="sincos", hidden_size=384, num_heads=6)), 96)
+ROPE = (EmbedView(EqMConfig(pos="rope", hidden_size=384, num_heads=6)), 16)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -53,7 +53,7 @@ ROPE = (EmbedConfig(pos="rope", hidden_size=384, num_heads=6), 16)
 
 @pytest.mark.parametrize("cfg,d_t", [SINCOS, ROPE], ids=["sincos", "rope"])
 def test_adjacent_similarity_matches_closed_form(cfg, d_t):
-    assert cfg.time_channels == d_t
+    assert cfg.arch.time_channels == d_t
     fps = np.array([6.0, 12.0, 24.0, 60.0, 240.0])
     got = adjacent_similarity(cfg, fps)
     raw = adjacent_similarity(cfg.with_time("seconds", 1.0), fps)
@@ -127,12 +127,12 @@ def test_codes_are_what_the_model_computes():
     tokens (frame 0 adds nothing), rope rotates q/k by them."""
     ts = clip_timestamps(30, 0.2)  # 6 frames
     for pos, order in (("sincos", "paired"), ("sincos", "aligned"), ("rope", "paired")):
-        m = EqMTransformer(input_size=8, num_frames=6, patch_size=4, hidden_size=32, depth=1, num_heads=2,
-                           num_classes=2, pos=pos, ref_fps=24.0, time_order=order)
-        cfg = config_from_arch(m.arch_config())
+        m = EqMTransformer(EqMConfig(input_size=8, num_frames=6, patch_size=4, hidden_size=32, depth=1, num_heads=2,
+                           num_classes=2, pos=pos, ref_fps=24.0, time_order=order))
+        cfg = EmbedView(m.config)
         code = temporal_code(cfg, ts, as_added=True)[0]  # (6, d_t), fastest frequency first
         P = m.positions(ts)
-        tokens_per_frame = m.grid[0] * m.grid[1]
+        tokens_per_frame = m.config.grid[0] * m.config.grid[1]
         first = torch.arange(6) * tokens_per_frame  # the (row 0, col 0) token of every frame
         if pos == "sincos":
             d_t = 8  # 0.25 * 32
@@ -152,43 +152,43 @@ def test_codes_are_what_the_model_computes():
 
 
 def test_temporal_patch_tokens_take_mean_time():
-    base = EmbedConfig(hidden_size=64, num_heads=4)
+    base = EmbedView(EqMConfig(hidden_size=64, num_heads=4))
     # tokens of 2 frames at 48 fps are 2/48 s apart: like single frames at 24 fps
-    got = adjacent_similarity(EmbedConfig(hidden_size=64, num_heads=4, temporal_patch=2), [48.0])
+    got = adjacent_similarity(EmbedView(EqMConfig(hidden_size=64, num_heads=4, temporal_patch=2)), [48.0])
     assert got[0] == pytest.approx(adjacent_similarity(base, [24.0])[0], abs=1e-6)
     assert clip_timestamps(24, 0.25, temporal_patch=4).shape[0] == 8  # 6 frames rounded up to whole patches
 
 
-def test_config_from_checkpoint_and_recipe(tmp_path):
-    m = EqMTransformer(input_size=8, num_frames=4, patch_size=4, hidden_size=32, depth=1, num_heads=2,
-                       num_classes=2, pos="rope", time_mode="index", ref_fps=30.0, time_frac=0.5)
-    C.save_checkpoint(tmp_path / "run", 5, model=m, arch=m.arch_config(),
+def test_view_from_checkpoint_and_recipe(tmp_path):
+    m = EqMTransformer(EqMConfig(input_size=8, num_frames=4, patch_size=4, hidden_size=32, depth=1, num_heads=2,
+                       num_classes=2, pos="rope", time_mode="index", ref_fps=30.0, time_frac=0.5))
+    C.save_checkpoint(tmp_path / "run", 5, model=m, config=m.config,
                       recipe={"data": {"fps_min": 8, "fps_max": 30}})
-    cfg = config_from_checkpoint(tmp_path / "run")  # a run dir: its latest checkpoint
-    assert (cfg.pos, cfg.time_mode, cfg.ref_fps, cfg.time_frac) == ("rope", "index", 30.0, 0.5)
-    assert (cfg.hidden_size, cfg.num_heads, cfg.time_channels) == (32, 2, 8)
-    assert cfg.train_fps == (8.0, 30.0) and "step_0000005" in cfg.source
+    view = view_from_checkpoint(tmp_path / "run")  # a run dir: its latest checkpoint
+    assert view.arch == m.config
+    assert view.arch.time_channels == 8 and view.train_fps == (8.0, 30.0) and "step_0000005" in view.source
     with pytest.raises(EqmError, match="checkpoint not found"):
-        config_from_checkpoint(tmp_path / "nope")
+        view_from_checkpoint(tmp_path / "nope")
 
-    rc = config_from_recipe(RECIPE, ["model.time.ref_fps=1", "model.pos=rope"])
-    assert (rc.pos, rc.ref_fps, rc.hidden_size, rc.num_heads) == ("rope", 1.0, 64, 4)  # tiny: 64 wide, 4 heads
+    rc = view_from_recipe(RECIPE, ["model.time.ref_fps=1", "model.pos=rope"])
+    a = rc.arch
+    assert (a.pos, a.ref_fps, a.hidden_size, a.num_heads) == ("rope", 1.0, 64, 4)  # tiny: 64 wide, 4 heads
     assert rc.train_fps == (8.0, 30.0)
 
 
 def test_bad_inputs_raise_one_line():
     with pytest.raises(EqmError, match="compare"):
-        inspect_embedding(EmbedConfig(), [24], compare=(24,))
+        inspect_embedding(EmbedView(), [24], compare=(24,))
     with pytest.raises(EqmError, match="seconds"):
-        inspect_embedding(EmbedConfig(), [24], seconds=0)
-    with pytest.raises(EqmError, match="time_frac"):
-        inspect_embedding(EmbedConfig(time_frac=0.7), [24])
-    with pytest.raises(EqmError, match="divisible"):
-        EmbedConfig(hidden_size=100, num_heads=3).validate()
+        inspect_embedding(EmbedView(), [24], seconds=0)
+    with pytest.raises(ConfigError, match="time_frac"):
+        EqMConfig(time_frac=0.7)
+    with pytest.raises(ConfigError, match="divisible"):
+        EqMConfig(hidden_size=100, num_heads=3)
 
 
 def test_write_plots_atomic(tmp_path):
-    rep = inspect_embedding(EmbedConfig(pos="rope", hidden_size=64, num_heads=4), [12, 24], seconds=0.5)
+    rep = inspect_embedding(EmbedView(EqMConfig(pos="rope", hidden_size=64, num_heads=4)), [12, 24], seconds=0.5)
     out = tmp_path / "plots"
     out.mkdir()
     (out / "heatmap.png").write_text("stale")
@@ -238,9 +238,9 @@ def test_cli_writes_plots_and_prints_table(tmp_path):
 
 
 def test_cli_json_from_checkpoint_with_override(tmp_path):
-    m = EqMTransformer(input_size=8, num_frames=4, patch_size=4, hidden_size=64, depth=1, num_heads=4,
-                       num_classes=2, pos="rope", time_mode="seconds", ref_fps=24.0)
-    ck = C.save_checkpoint(tmp_path / "run", 3, model=m, arch=m.arch_config(), recipe={"data": {"fps_min": 8, "fps_max": 30}})
+    m = EqMTransformer(EqMConfig(input_size=8, num_frames=4, patch_size=4, hidden_size=64, depth=1, num_heads=4,
+                       num_classes=2, pos="rope", time_mode="seconds", ref_fps=24.0))
+    ck = C.save_checkpoint(tmp_path / "run", 3, model=m, config=m.config, recipe={"data": {"fps_min": 8, "fps_max": 30}})
     code, stdout, stderr = run(["--ckpt", str(ck), "--time-mode", "index", "--rates", "12,24", "--compare", "12,24",
                                 "--seconds", "0.5", "--json", "--out", str(tmp_path / "o")])
     assert code == 0, stderr

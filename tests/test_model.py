@@ -1,5 +1,6 @@
 """The EqM transformer: official image-checkpoint compatibility and time-aware behaviour."""
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from eqm.errors import EqmError
-from eqm.model import EQM_SIZES, EqMTransformer, create_model
+from eqm.config import EQM_SIZES, LEGACY_DEFAULTS, ConfigError, EqMConfig
+from eqm.model import EqMTransformer
 from eqm.timebase import uniform_timestamps
 
 
@@ -27,7 +29,7 @@ def small(**kw):
     cfg = dict(input_size=8, in_channels=3, num_frames=4, patch_size=4, hidden_size=32, depth=2,
                num_heads=2, num_classes=3)
     cfg.update(kw)
-    return randomize(EqMTransformer(**cfg)).eval()
+    return randomize(EqMTransformer(EqMConfig(**cfg))).eval()
 
 
 # ----------------------------------------------------------------------------- official checkpoints
@@ -115,8 +117,8 @@ def reference_image_forward(sd, x, y, depth, heads, p, C):
 def test_official_image_checkpoint_loads_strict_and_keeps_its_meaning():
     depth, D, heads, C, p, size, K = 2, 64, 4, 4, 2, 8, 10
     sd = official_state_dict(depth, D, C, p, size // p, K)
-    model = EqMTransformer(input_size=size, in_channels=C, patch_size=p, hidden_size=D, depth=depth,
-                           num_heads=heads, num_classes=K, class_dropout_prob=0.1, learn_sigma=True)
+    model = EqMTransformer(EqMConfig(input_size=size, in_channels=C, patch_size=p, hidden_size=D, depth=depth,
+                           num_heads=heads, num_classes=K, class_dropout_prob=0.1, learn_sigma=True))
     # Our own freshly built table equals DiT's before anything is loaded.
     torch.testing.assert_close(model.pos_embed.data, sd["pos_embed"], atol=2e-6, rtol=0)
     model.load_state_dict(sd, strict=True)
@@ -138,7 +140,7 @@ def test_official_checkpoint_refuses_models_it_does_not_fit():
                   num_classes=5, learn_sigma=True)
     for extra in (dict(pos="rope"), dict(time_mode="fps-embed"), dict(temporal_patch=2, num_frames=2)):
         with pytest.raises(RuntimeError):
-            EqMTransformer(**common, **extra).load_state_dict(sd, strict=True)
+            EqMTransformer(EqMConfig(**common, **extra)).load_state_dict(sd, strict=True)
 
 
 # ----------------------------------------------------------------------------- time awareness
@@ -210,8 +212,8 @@ def test_sincos_positions_match_the_per_token_code():
     model = small(hidden_size=64, num_heads=4, temporal_patch=2)
     ts = torch.stack([uniform_timestamps(4, 10), uniform_timestamps(4, 50)])
     pos = model.positions(ts)
-    tau = E.temporal_coords(ts, 4, time_mode="seconds", ref_fps=model.ref_fps, temporal_patch=2)
-    ref = E.sincos_3d(E.token_coords(tau, *model.grid), 64, model.time_frac)
+    tau = E.temporal_coords(ts, 4, time_mode="seconds", ref_fps=model.config.ref_fps, temporal_patch=2)
+    ref = E.sincos_3d(E.token_coords(tau, *model.config.grid), 64, model.config.time_frac)
     torch.testing.assert_close(pos.add, ref, atol=1e-6, rtol=0)
 
 
@@ -236,7 +238,7 @@ def test_patch_embedding_and_unpatchify_agree_on_token_layout(pt):
 @pytest.mark.parametrize("size", list(EQM_SIZES))
 @pytest.mark.parametrize("pos", ["sincos", "rope"])
 def test_every_size_builds_and_runs(size, pos):
-    model = create_model(size, input_size=4, num_frames=2, patch_size=2, depth=1, pos=pos, num_classes=2)
+    model = EqMTransformer(EqMConfig.from_size(size, input_size=4, num_frames=2, patch_size=2, depth=1, pos=pos, num_classes=2))
     with torch.no_grad():
         out = model(torch.randn(1, 3, 2, 4, 4), uniform_timestamps(2, 24)[None])
     assert out.shape == (1, 3, 2, 4, 4)
@@ -244,25 +246,63 @@ def test_every_size_builds_and_runs(size, pos):
 
 def test_invalid_configurations_raise_eqm_errors():
     with pytest.raises(EqmError):
-        create_model("huge")
+        EqMConfig.from_size("huge")
     with pytest.raises(EqmError):
-        EqMTransformer(hidden_size=30, num_heads=4)
+        EqMTransformer(EqMConfig(hidden_size=30, num_heads=4))
     with pytest.raises(EqmError):
-        EqMTransformer(hidden_size=60, num_heads=4, pos="rope")  # head_dim 15 is odd
+        EqMTransformer(EqMConfig(hidden_size=60, num_heads=4, pos="rope"))  # head_dim 15 is odd
     with pytest.raises(EqmError):
-        EqMTransformer(input_size=9, patch_size=2)
+        EqMTransformer(EqMConfig(input_size=9, patch_size=2))
     with pytest.raises(EqmError):
-        EqMTransformer(time_mode="frames")
+        EqMTransformer(EqMConfig(time_mode="frames"))
     with pytest.raises(EqmError):
-        EqMTransformer(ref_fps=0)
+        EqMTransformer(EqMConfig(ref_fps=0))
     with pytest.raises(EqmError):
         small()(torch.randn(1, 3, 4, 16, 16))  # wrong spatial size
 
 
-def test_arch_config_round_trips_through_json():
+def test_config_errors_name_the_field_in_library_terms():
+    cases = [
+        (dict(hidden_size=30, num_heads=4), "hidden_size must be divisible by num_heads (4), got 30"),
+        (dict(input_size=9), "input_size must be divisible by patch_size (2), got (9, 9)"),
+        (dict(num_frames=5, temporal_patch=2), "num_frames must be a multiple of temporal_patch (2), got 5"),
+        (dict(time_mode="frames"), "time_mode must be one of seconds, index, fps-embed, got 'frames'"),
+        (dict(ref_fps=float("inf")), "ref_fps must be a finite number"),
+        (dict(time_frac=0.7), "time_frac for sincos must be in [0, 0.5], got 0.7"),
+        (dict(depth=True), "depth must be an integer >= 0, got True"),
+        (dict(energy="none"), "energy must be None, 'dot' or 'l2'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            EqMConfig(**kw)
+        assert msg in str(e.value) and str(e.value).startswith(e.value.field), (kw, str(e.value))
+    with pytest.raises(EqmError, match="did you mean 'S'"):
+        EqMConfig.from_size("s")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EqMConfig().depth = 3
+    assert dataclasses.replace(EqMConfig(), input_size=(8, 16), patch_size=8).grid == (1, 2)
+
+
+def test_from_dict_applies_legacy_defaults_and_rejects_unknown_keys():
+    arch = EqMConfig(input_size=8, hidden_size=32, num_heads=2, time_order="paired").to_dict()
+    assert EqMConfig.from_dict(arch).time_order == "paired"
+    del arch["time_order"]  # written before the key existed: the layout there was then
+    assert EqMConfig.from_dict(arch).time_order == LEGACY_DEFAULTS["time_order"] == "aligned"
+    with pytest.raises(EqmError, match=r"^state.json: model option 'hiden_size' is not understood.*did you mean 'hidden_size'"):
+        EqMConfig.from_dict({**arch, "hiden_size": 3}, "state.json")
+    with pytest.raises(EqmError, match=r"^state.json: hidden_size must be divisible"):
+        EqMConfig.from_dict({**arch, "hidden_size": 33}, "state.json")
+    with pytest.raises(EqmError, match="must be a mapping"):
+        EqMConfig.from_dict([1, 2], "state.json")
+    with pytest.raises(TypeError, match="EqMConfig"):
+        EqMTransformer(arch)
+
+
+def test_config_round_trips_through_json():
     model = small(pos="rope", time_mode="fps-embed", temporal_patch=2, energy="dot", ref_fps=30.0)
-    cfg = json.loads(json.dumps(model.arch_config()))
-    clone = EqMTransformer.from_config(cfg)
+    cfg = EqMConfig.from_dict(json.loads(json.dumps(model.config.to_dict())))
+    assert cfg == model.config
+    clone = EqMTransformer(cfg)
     clone.load_state_dict(model.state_dict(), strict=True)
     clone.eval()
     x, ts = clip_batch([15])

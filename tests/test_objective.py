@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from eqm.errors import EqmError
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqm.objective import c_gamma, eqm_loss, eqm_target, interpolate
 from eqm.timebase import uniform_timestamps
@@ -66,8 +67,8 @@ def test_gamma_and_noise_come_from_the_generator_per_sample():
 def test_energy_training_gradient_is_exact(energy):
     """Backprop through grad_x E (create_graph) agrees with finite differences of the loss."""
     torch.manual_seed(0)
-    model = EqMTransformer(input_size=4, in_channels=2, num_frames=2, patch_size=2, hidden_size=16, depth=1,
-                           num_heads=2, num_classes=0, energy=energy).double()
+    model = EqMTransformer(EqMConfig(input_size=4, in_channels=2, num_frames=2, patch_size=2, hidden_size=16, depth=1,
+                           num_heads=2, num_classes=0, energy=energy)).double()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -103,8 +104,8 @@ def test_energy_training_runs_in_float32_where_fused_attention_lacks_double_back
     """float32 on CPU would pick the flash SDPA kernel, which has no double backward; the model
     must switch to the math kernel when it differentiates through grad_x E."""
     torch.manual_seed(0)
-    model = EqMTransformer(input_size=8, in_channels=3, num_frames=2, patch_size=2, hidden_size=32, depth=1,
-                           num_heads=2, num_classes=0, energy="dot")
+    model = EqMTransformer(EqMConfig(input_size=8, in_channels=3, num_frames=2, patch_size=2, hidden_size=32, depth=1,
+                           num_heads=2, num_classes=0, energy="dot"))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

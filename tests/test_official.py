@@ -10,7 +10,8 @@ from eqm import checkpoint as C
 from eqm.adapt import adapt_state_dict, init_from
 from eqm.embed import sincos_grid_2d
 from eqm.errors import EqmError
-from eqm.model import EqMTransformer, create_model
+from eqm.config import EqMConfig
+from eqm.model import EqMTransformer
 from eqm.official import load_official_model, load_weights_from, read_official
 
 # Our model in image mode at a tiny size, in the official layout (4 latent channels,
@@ -21,7 +22,7 @@ IMAGE = dict(input_size=8, in_channels=4, num_frames=1, learn_sigma=True, num_cl
 def image_model(seed=0, **kw):
     """The image model with every weight random (zero-initialised layers too), in eval mode."""
     torch.manual_seed(seed)
-    m = create_model("tiny", **{**IMAGE, **kw})
+    m = EqMTransformer(EqMConfig.from_size("tiny", **{**IMAGE, **kw}))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name != "pos_embed":
@@ -51,7 +52,7 @@ def official(tmp_path_factory):
 
 def video_model(**kw):
     torch.manual_seed(1)
-    return create_model("tiny", **{**IMAGE, "num_frames": 4, **kw}).eval()
+    return EqMTransformer(EqMConfig.from_size("tiny", **{**IMAGE, "num_frames": 4, **kw})).eval()
 
 
 def same(a, b):
@@ -65,8 +66,9 @@ def test_official_pt_loads_its_ema_weights_and_args(official):
     img, path = official
     model, loaded = load_official_model(path)
     assert loaded.kind == "official" and loaded.weights == "ema" and loaded.args["model"] == "EqM-tiny/2"
-    assert (model.hidden_size, model.depth, model.num_heads, model.patch_size) == (64, 4, 4, 2)
-    assert (model.in_channels, model.input_size, model.num_classes, model.learn_sigma) == (4, (8, 8), 10, True)
+    c = model.config
+    assert (c.hidden_size, c.depth, c.num_heads, c.patch_size) == (64, 4, 4, 2)
+    assert (c.in_channels, c.input_size, c.num_classes, c.learn_sigma) == (4, (8, 8), 10, True)
     assert C.weights_checksum(model) == C.weights_checksum(img)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 10])
     assert torch.equal(model(x, None, y), img(x, None, y))
@@ -264,12 +266,12 @@ def test_deeper_checkpoint_is_an_error_naming_the_extra_key(official):
 def test_init_from_an_eqmctl_run_directory_and_a_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 
-    src = create_model("tiny", input_size=8, in_channels=4, num_frames=4, num_classes=3, time_mode="fps-embed")
+    src = EqMTransformer(EqMConfig.from_size("tiny", input_size=8, in_channels=4, num_frames=4, num_classes=3, time_mode="fps-embed"))
     with torch.no_grad():
         for p in src.parameters():
             p.add_(0.01)
-    ema = create_model("tiny", input_size=8, in_channels=4, num_frames=4, num_classes=3, time_mode="fps-embed")
-    C.save_checkpoint(tmp_path / "run", 5, model=src, ema=ema, arch=src.arch_config(), recipe={})
+    ema = EqMTransformer(EqMConfig.from_size("tiny", input_size=8, in_channels=4, num_frames=4, num_classes=3, time_mode="fps-embed"))
+    C.save_checkpoint(tmp_path / "run", 5, model=src, ema=ema, config=src.config, recipe={})
     video = video_model(num_classes=3, learn_sigma=False)
     report = init_from(video, tmp_path / "run")
     assert report.weights == "ema" and report.source.endswith("ema.safetensors")
@@ -320,7 +322,7 @@ def official_reference(model, z, y, *, cfg_scale, eta, steps, mu=None):
     forward_with_cfg's output, both halves rebuilt from the first, the first half kept."""
     n = z.shape[0]
     xt = torch.cat([z, z])
-    ys = torch.cat([y, torch.full_like(y, model.num_classes)])
+    ys = torch.cat([y, torch.full_like(y, model.config.num_classes)])
     m = torch.zeros_like(xt)
     with torch.no_grad():
         for _ in range(steps):
@@ -408,7 +410,7 @@ def test_sample_official_errors_are_one_line(official, tmp_path):
     torch.save({"ema": {}, "args": _Marker(str(marker))}, tmp_path / "evil.pt")
     res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "refused to load" in res.output and not marker.exists()
-    C.save_checkpoint(tmp_path / "run", 1, model=video_model(), arch=video_model().arch_config(), recipe={})
+    C.save_checkpoint(tmp_path / "run", 1, model=video_model(), config=video_model().config, recipe={})
     res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--fps is required" in res.output
 
@@ -433,5 +435,5 @@ def test_latent_training_starts_from_the_official_checkpoint_through_the_vae(off
     assert res.exit_code == 0, res.output
     assert "initial weights from" in res.output and "sigma half dropped" in res.output
     model, _ = C.load_model(run, use_ema=False)
-    assert model.in_channels == 4 and model.input_size == (8, 8)
+    assert model.config.in_channels == 4 and model.config.input_size == (8, 8)
     assert (model.blocks[1].mlp.fc2.weight - img.blocks[1].mlp.fc2.weight).abs().max() < 0.01

@@ -65,6 +65,28 @@ def test_defaults_and_name_from_stem(tmp_path):
     assert r.objective.energy is None and r.model.learn_sigma is False
 
 
+def test_recipe_builds_the_model_config_from_its_keys():
+    """Every EqMConfig field is either set from the recipe key ARCH_KEYS names or by the caller, so a
+    new model option is a dataclass field plus a recipe field; a changed key reaches the config."""
+    from eqm.config import EqMConfig
+    from eqm.recipe import ARCH_KEYS
+
+    assert list(ARCH_KEYS) == EqMConfig.field_names()
+    base = recipe_from_dict({})
+    for field, key in ARCH_KEYS.items():
+        if key is None:
+            continue
+        base.get(key)  # the key exists in the schema
+    r = recipe_from_dict({"model": {"size": "mini", "pos": "rope", "depth": 2, "time": {"mode": "index", "frac": 0.5}},
+                          "objective": {"energy": "dot"}, "data": {"height": 16, "width": 24, "num_frames": 6}})
+    cfg = r.model_config(num_classes=5)
+    assert cfg == EqMConfig.from_size("mini", input_size=(16, 24), num_frames=6, pos="rope", depth=2, time_mode="index",
+                                      time_frac=0.5, energy="dot", num_classes=5)
+    assert r.model_config(num_classes=5, time_order="paired").time_order == "paired"
+    latent = r.model_config(num_classes=5, shape=(4, 3, 8, 8))  # latent space: the latents' shape
+    assert (latent.in_channels, latent.num_frames, latent.input_size) == (4, 3, (8, 8))
+
+
 def test_every_field_is_documented():
     rows = schema_lines()
     assert len(rows) > 50

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from eqm import checkpoint as C
 from eqm.errors import EqmError
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqm.video.io import write_video
 from eqm.video.probe import read_manifest, write_manifest
@@ -44,7 +45,7 @@ def tiny_video(path: Path, frames: int = 4) -> Path:
 
 def tiny_model(seed: int = 0) -> EqMTransformer:
     torch.manual_seed(seed)
-    m = EqMTransformer(**ARCH)
+    m = EqMTransformer(EqMConfig(**ARCH))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in m.parameters():  # adaLN-Zero starts at zero output: give the field some shape
@@ -53,7 +54,7 @@ def tiny_model(seed: int = 0) -> EqMTransformer:
 
 
 def save_ckpt(run_dir: Path, model, step: int = 10) -> Path:
-    return C.save_checkpoint(run_dir, step, model=model, ema=model, arch=model.arch_config(), recipe={"name": "t"})
+    return C.save_checkpoint(run_dir, step, model=model, ema=model, config=model.config, recipe={"name": "t"})
 
 
 # ------------------------------------------------------------------------------------------------

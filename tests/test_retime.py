@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from eqm import checkpoint as C
 from eqm.errors import EqmError
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqm.retime import (
     interpolate_frames,
@@ -269,7 +270,7 @@ def make_model(seed=0):
     """Tiny model with perturbed (non-zero) weights: adaLN-Zero starts at zero output, which would
     leave every in-between at its noise and prove nothing about the model being used."""
     torch.manual_seed(seed)
-    m = EqMTransformer(**ARCH)
+    m = EqMTransformer(EqMConfig(**ARCH))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in m.parameters():
@@ -281,7 +282,7 @@ def make_model(seed=0):
 def ckpt(tmp_path_factory):
     m = make_model()
     run_dir = tmp_path_factory.mktemp("run")
-    return C.save_checkpoint(run_dir, 10, model=m, ema=m, arch=m.arch_config(), recipe={"name": "t"})
+    return C.save_checkpoint(run_dir, 10, model=m, ema=m, config=m.config, recipe={"name": "t"})
 
 
 def test_model_mode_keeps_originals_bit_identical(ckpt):

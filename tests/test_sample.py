@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from eqm import checkpoint as C
 from eqm.errors import EqmError
 from eqm.generate import generate, parse_labels, plan_frames, resolve_num_frames, sample_noise, trained_span
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqmctl.cli import app
 
@@ -23,7 +24,7 @@ def make_model(time_mode="seconds", seed=0, **kw):
     """A small model with random (non-zero) weights: adaLN-Zero starts at zero output, which would
     make every sample equal its noise whatever the rate."""
     torch.manual_seed(seed)
-    m = EqMTransformer(**{**ARCH, "time_mode": time_mode, **kw})
+    m = EqMTransformer(EqMConfig(**{**ARCH, "time_mode": time_mode, **kw}))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in m.parameters():
@@ -32,7 +33,7 @@ def make_model(time_mode="seconds", seed=0, **kw):
 
 
 def save_run(run_dir, model, step=10, recipe=None, **extra):
-    return C.save_checkpoint(run_dir, step, model=model, ema=model, arch=model.arch_config(),
+    return C.save_checkpoint(run_dir, step, model=model, ema=model, config=model.config,
                              recipe=recipe or {"name": "t"}, extra=extra or None)
 
 
@@ -240,7 +241,7 @@ def test_cli_bad_checkpoints(tmp_path, ckpt):
 
     # a checkpoint whose weights belong to another architecture
     other = make_model(hidden_size=64)
-    bad = C.save_checkpoint(tmp_path / "bad", 1, model=other, arch=make_model().arch_config(), recipe={})
+    bad = C.save_checkpoint(tmp_path / "bad", 1, model=other, config=make_model().config, recipe={})
     code, _, stderr = run(["sample", "--ckpt", str(bad), "--fps", "24", "--raw", "--out", str(out)])
     assert code == 2 and "do not match the model architecture" in stderr and "Traceback" not in stderr
     assert not out.exists()

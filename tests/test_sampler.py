@@ -1,10 +1,13 @@
 """Samplers: GD / NAG-GD math, adaptive stopping, CFG, clamped frames, and a real learning signal."""
 
 import pytest
+from types import SimpleNamespace
+
 import torch
 
 from eqm.embed import Positions
 from eqm.errors import EqmError
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqm.objective import eqm_loss
 from eqm.sampler import PAPER_SETTINGS, default_sampler_settings, sample
@@ -20,7 +23,7 @@ class AnchorField(torch.nn.Module):
     def __init__(self, anchors):  # anchors: (num_classes + 1, C), last row = null label
         super().__init__()
         self.register_buffer("anchors", anchors)
-        self.num_classes = anchors.shape[0] - 1
+        self.config = SimpleNamespace(num_classes=anchors.shape[0] - 1)  # what the sampler reads of a model's config
         self.calls, self.position_calls = [], 0
 
     def positions(self, timestamps=None, num_frames=None):
@@ -30,7 +33,7 @@ class AnchorField(torch.nn.Module):
     def forward(self, x, timestamps, y, *, pos=None):
         assert pos is not None  # the sampler always hands over precomputed positions
         self.calls.append((x.shape[0], None if y is None else y.clone()))
-        y = torch.full((x.shape[0],), self.num_classes) if y is None else y
+        y = torch.full((x.shape[0],), self.config.num_classes) if y is None else y
         a = self.anchors[y].reshape(x.shape[0], -1, *([1] * (x.ndim - 2)))
         return a - x
 
@@ -155,8 +158,8 @@ def trained():
     """A tiny model trained 400 EqM steps on the toy clips (~3 s on two cores)."""
     torch.manual_seed(0)
     data = toy_clips()
-    model = EqMTransformer(input_size=8, in_channels=3, num_frames=4, patch_size=4, hidden_size=64, depth=2,
-                           num_heads=4, num_classes=0, class_dropout_prob=0.0)
+    model = EqMTransformer(EqMConfig(input_size=8, in_channels=3, num_frames=4, patch_size=4, hidden_size=64, depth=2,
+                           num_heads=4, num_classes=0, class_dropout_prob=0.0))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     ts = uniform_timestamps(4, 24).expand(32, -1)
@@ -212,8 +215,8 @@ def test_positions_are_built_once_per_sampling_run(trained):
 
 def test_energy_model_samples_under_no_grad():
     torch.manual_seed(0)
-    model = EqMTransformer(input_size=8, in_channels=3, num_frames=2, patch_size=4, hidden_size=32, depth=1,
-                           num_heads=2, num_classes=2, energy="l2")
+    model = EqMTransformer(EqMConfig(input_size=8, in_channels=3, num_frames=2, patch_size=4, hidden_size=32, depth=1,
+                           num_heads=2, num_classes=2, energy="l2"))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

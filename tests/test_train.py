@@ -339,11 +339,11 @@ def test_resume_keeps_the_checkpoints_time_layout(tmp_path):
     one is an error.  A checkpoint saved before ``time_order`` existed loads as "aligned"."""
     run = tmp_path / "paired"
     train(recipe("train.steps=2", "model.time.order=paired"), run, log=quiet)
-    assert C.load_model(run)[0].time_order == "paired"
+    assert C.load_model(run)[0].config.time_order == "paired"
     resumed = train(recipe("train.steps=3"), run, resume="latest", log=quiet, warn=quiet)  # order: null
     assert resumed.start_step == 2 and resumed.step == 3
     model, state = C.load_model(run)
-    assert state["arch"]["time_order"] == "paired" and model.time_order == "paired"
+    assert state["arch"]["time_order"] == "paired" and model.config.time_order == "paired"
     res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=4", "model.time.order=aligned",
                               "--run-dir", str(run), "--resume", "latest"])
     assert res.exit_code != 0 and "Traceback" not in res.output
@@ -356,7 +356,7 @@ def test_resume_keeps_the_checkpoints_time_layout(tmp_path):
         st = json.loads((ck / "state.json").read_text())
         assert st["arch"].pop("time_order") == "aligned"
         (ck / "state.json").write_text(json.dumps(st))
-    assert C.load_model(old)[0].time_order == "aligned"
+    assert C.load_model(old)[0].config.time_order == "aligned"
     res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=2", "model.time.order=paired",
                               "--run-dir", str(old), "--resume", "latest"])
     assert res.exit_code != 0 and "trained with aligned" in res.output

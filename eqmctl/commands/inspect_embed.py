@@ -55,7 +55,7 @@ def inspect_embed(
         from dataclasses import replace
 
         from eqm.errors import EqmError
-        from eqm.inspect import EmbedConfig, config_from_checkpoint, config_from_recipe, inspect_embedding, write_plots
+        from eqm.inspect import EmbedView, inspect_embedding, view_from_checkpoint, view_from_recipe, write_plots
         from eqm.timebase import parse_fps
 
         # Cheap checks first: a typo in --rates should not wait for a checkpoint to be read.
@@ -71,11 +71,11 @@ def inspect_embed(
             raise EqmError(f"KEY=VALUE overrides ({overrides[0]}) need --recipe; use --pos/--ref-fps/... to change a checkpoint's settings")
 
         if ckpt is not None:
-            cfg = config_from_checkpoint(ckpt)
+            view = view_from_checkpoint(ckpt)
         elif recipe is not None:
-            cfg = config_from_recipe(recipe, overrides or [])
+            view = view_from_recipe(recipe, overrides or [])
         else:
-            cfg = EmbedConfig()
+            view = EmbedView()
         # Options given explicitly override the source: "what would this checkpoint look like with
         # ref_fps 1?" is a question the plots should answer without retraining.
         given = {k: v for k, v in dict(
@@ -84,14 +84,13 @@ def inspect_embed(
         ).items() if v is not None}
         if given:
             changed = ", ".join(f"{k}={v}" for k, v in given.items())
-            source = cfg.source if cfg.source == "options" else f"{cfg.source} with {changed}"
-            cfg = replace(cfg, **given, source=source)
-        try:
-            cfg.validate()
-        except EqmError as e:
-            raise EqmError(f"{cfg.source}: {e}") from None
+            source = view.source if view.source == "options" else f"{view.source} with {changed}"
+            try:
+                view = replace(view, arch=replace(view.arch, **given), source=source)
+            except EqmError as e:
+                raise EqmError(f"{source}: {e}") from None
 
-        report = inspect_embedding(cfg, rate_list, compare=pair, seconds=seconds)
+        report = inspect_embedding(view, rate_list, compare=pair, seconds=seconds)
         write_plots(report, out)
         if json_out:
             print(dumps(report.to_dict(), indent=2))
@@ -134,7 +133,7 @@ def _print_report(report) -> None:
         "adjacent sim. = cosine similarity of neighbouring frames' temporal codes (1 = indistinguishable); "
         "aliased = frequencies above Nyquist (fps/2)", highlight=False, style="dim",
     )
-    if cfg.time_mode == "fps-embed":
+    if cfg.arch.time_mode == "fps-embed":
         console.print("fps-embed: positions are frame indices; the rate reaches the model through a learned "
                       "embedding of the clip's fps, which these plots do not show", highlight=False)
     console.print("wrote " + "  ".join(report.files.values()), highlight=False)

@@ -130,9 +130,9 @@ def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, wi
         warn(f"{path} has no EMA weights; using the raw weights")
     y = None
     if label is not None:
-        if model.num_classes <= 0:
+        if model.config.num_classes <= 0:
             raise EqmError("--label given but the model was trained without classes")
-        y = int(parse_labels(label, model.num_classes, 1, list(state.get("class_names") or []), flag="--label")[0])
+        y = int(parse_labels(label, model.config.num_classes, 1, list(state.get("class_names") or []), flag="--label")[0])
     from eqm.latent import checkpoint_vae
 
     kwargs = dict(window=window, label=y, method=sampler, steps=steps, step_size=step_size, momentum=momentum,

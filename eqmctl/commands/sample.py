@@ -94,7 +94,7 @@ def sample(
                                 temporal=1 if decoder is None else decoder.temporal)
         if beyond:
             warn(beyond)
-        y = parse_labels(labels, model.num_classes, num_samples, class_names)
+        y = parse_labels(labels, model.config.num_classes, num_samples, class_names)
         if cfg_scale is None:
             cfg_scale = recipe_cfg_scale(state.get("recipe")) if y is not None else 1.0
 
@@ -122,7 +122,7 @@ def sample(
         summary = write_generation(
             gen, out, fmt=fmt, png=png, grid=grid, scale=upscale, class_names=class_names,
             meta={"checkpoint": str(path), "step": state.get("step"), "weights": "ema" if ema else "raw",
-                  "time_mode": getattr(model, "time_mode", None),
+                  "time_mode": model.config.time_mode,
                   "vae": None if decoder is None else decoder.identity.to_dict()},
         )
         for w in summary.warnings:
