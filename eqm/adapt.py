@@ -11,7 +11,7 @@ keeps the initial video model equal to the image model where the two can be comp
 * ``learn_sigma``: EqM never uses the second half of ``final_layer.linear`` (SiT's sigma head);
   a model without it drops that half, a model with it keeps the source's (or starts it at 0).
 * ``fps-embed``: the new fps embedder's last layer is zeroed, so it adds 0 to the conditioning.
-* RoPE models have no ``pos_embed`` (dropped); sin/cos models at another input size keep their
+* RoPE models have no ``pos_embed`` (dropped; a RoPE source into a sin/cos model gets the table); sin/cos models at another input size keep their
   own recomputed table (the table is fixed, nothing is learned in it).
 * Another class count: the class rows start from the model's own initialisation (a warning),
   the null-class row, the one guidance and unconditional sampling use, is kept; an unconditional
@@ -214,6 +214,8 @@ def _map_one(key, mine, src, model, source, src_classes, report):
         if re.fullmatch(r"fps_embedder\.mlp\.2\.(weight|bias)", key):
             return torch.zeros_like(mine), "new", "zeroed: the fps embedding adds 0 at the start"
         return mine, "new", ""
+    if key == _POS and key not in src:
+        return mine, "new", "fixed sin/cos table; the checkpoint has none (a RoPE model)"
     if key not in src:
         raise EqmError(f"{source}: the model's '{key}' {tuple(mine.shape)} is not in the checkpoint (model.depth or the architecture differs)")
     theirs = src[key]

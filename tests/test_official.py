@@ -208,6 +208,9 @@ def test_rope_model_has_no_pos_embed_to_load(official):
     report = init_from(video, path)
     assert report.keys("dropped") == ["pos_embed"] and "pos_embed" not in video.state_dict()
     assert torch.equal(video.blocks[2].mlp.fc1.weight, load_weights_from(path).state_dict["blocks.2.mlp.fc1.weight"])
+    # and back: a RoPE model's weights into a sincos model get the fixed table computed
+    _, rep = adapt_state_dict(video.state_dict(), video_model(), src_classes=10)
+    assert rep.keys("new") == ["pos_embed"]
 
 
 def test_other_class_count_reinitialises_labels_and_keeps_the_null_row(official):
