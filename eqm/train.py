@@ -632,7 +632,9 @@ def train(
     step, with the recipe passed here (changed keys are listed in a warning).  log / warn:
     callables for output lines (default: print / stderr).
 
-    Raises EqmError with exit_code=1 when the loss diverges (NaN/inf).
+    Raises EqmError: exit_code=1 when the training diverges (:class:`DivergenceGuard`; the
+    message names the last good checkpoint) or a file cannot be written; 2 for bad input, or
+    when another training holds the run directory's lock.
     """
     warn = warn or _warn_stderr
     t0 = time.time()
