@@ -11,8 +11,8 @@ keeps the initial video model equal to the image model where the two can be comp
 * ``learn_sigma``: EqM never uses the second half of ``final_layer.linear`` (SiT's sigma head);
   a model without it drops that half, a model with it keeps the source's (or starts it at 0).
 * ``fps-embed``: the new fps embedder's last layer is zeroed, so it adds 0 to the conditioning.
-* RoPE models have no ``pos_embed`` (dropped; a RoPE source into a sin/cos model gets the table); sin/cos models at another input size keep their
-  own recomputed table (the table is fixed, nothing is learned in it).
+* RoPE models have no ``pos_embed`` (dropped; a RoPE source into a sin/cos model gets the table);
+  sin/cos models at another input size keep their own recomputed table (it is fixed, not learned).
 * Another class count: the class rows start from the model's own initialisation (a warning),
   the null-class row, the one guidance and unconditional sampling use, is kept; an unconditional
   model (``num_classes: 0``) keeps only the null row.
