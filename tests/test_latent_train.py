@@ -118,9 +118,10 @@ def test_latent_recipes_say_what_to_download_and_build_with_their_vae_kind(name,
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("fps,frames", [("30000/1001", 7), (60, 12)])
-def test_sample_decodes_with_the_checkpoints_vae_at_the_exact_rate(cache_run, vaes, tmp_path, fps, frames):
+def test_sample_decodes_with_the_checkpoints_vae_at_the_exact_rate(cache_run, vaes, tmp_path):
     import av
+
+    fps, frames = "30000/1001", 7
 
     out = tmp_path / "samples"
     res = runner.invoke(app, ["sample", "--ckpt", str(cache_run), "--fps", str(fps), "--frames", str(frames),
