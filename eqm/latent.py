@@ -112,13 +112,17 @@ def training_space(recipe: Recipe, dataset, device="cpu") -> Optional[LatentSpac
     return LatentSpace.of(vae, encode_on_the_fly=True)
 
 
-def adopt_cache_clip_shape(recipe: Recipe, dataset) -> None:
+def adopt_cache_clip_shape(recipe: Recipe, dataset) -> list[str]:
     """With data.source latents, the clip settings are the cache's: copy its frames, rates and
     frame size into ``recipe.data`` so the run's resolved recipe (trained span, previews) tells
-    the truth."""
+    the truth. Returns "key: recipe -> cache" for each value that changed."""
     made = dataset.info["settings"]["data"]
+    changed = []
     for key in ("num_frames", "fps_min", "fps_max", "height", "width"):
+        if getattr(recipe.data, key) != made[key]:
+            changed.append(f"data.{key} {getattr(recipe.data, key):g} -> {made[key]:g}")
         setattr(recipe.data, key, made[key])
+    return changed
 
 
 def model_input_shape(recipe: Recipe, space: Optional[LatentSpace], dataset) -> tuple[int, int, int, int]:

@@ -109,7 +109,9 @@ def build_dataset(recipe: Recipe, seed: Optional[int] = None, warn: Optional[Cal
         from .latent import adopt_cache_clip_shape
 
         dataset = LatentDataset(recipe.data.latents)
-        adopt_cache_clip_shape(recipe, dataset)
+        changed = adopt_cache_clip_shape(recipe, dataset)
+        if changed and warn is not None:
+            warn(f"clip settings from the cache {recipe.data.latents} replace the recipe's: {', '.join(changed)}")
         return dataset
     return dataset_from_config(recipe.data, recipe.train.seed if seed is None else seed, warn)
 

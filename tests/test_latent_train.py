@@ -42,6 +42,7 @@ def cache_run(cache, tmp_path_factory):
     res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=latents", f"data.latents={cache}",
                               "--run-dir", str(run)])
     assert res.exit_code == 0, res.output
+    assert "clip settings from the cache" in res.output and "data.height 16 -> 32" in res.output
     return run
 
 
