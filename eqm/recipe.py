@@ -172,7 +172,8 @@ class VaeConfig:
         "config.json; null = pixels (with data.source latents: the cache's VAE)",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32", "precision the VAE runs in (bfloat16 on a GPU halves its memory)"
+        "float32", "precision the VAE runs in on a GPU (bfloat16 halves its memory; float16 becomes float32 for "
+        "VAEs whose config sets force_upcast, such as SD-VAE); always float32 on the CPU"
     )
     batch_size: int = _f(8, "clips per VAE call when caching or encoding on the fly")
 

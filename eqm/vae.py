@@ -231,12 +231,17 @@ def vae_identity(path: PathLike) -> VaeIdentity:
 
 
 def load_vae(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> "Vae":
-    """Load the VAE in local folder ``path`` (or its ``vae/`` subfolder); kind from its config."""
+    """Load the VAE in local folder ``path`` (or its ``vae/`` subfolder); kind from its config.
+
+    dtype: the precision it computes in (default float32); float16 is raised to float32 for a
+    VAE whose config sets ``force_upcast``, as diffusers pipelines do."""
     import diffusers
 
     folder = find_vae_folder(path)
     config = read_vae_config(folder)
     identity = vae_identity(folder)
+    if dtype == torch.float16 and config.get("force_upcast"):
+        dtype = torch.float32  # SD-VAE overflows in float16 (its config says so); bfloat16 is fine
     cls = getattr(diffusers, config["_class_name"])
     try:
         module = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,

@@ -119,3 +119,9 @@ def test_identity_tells_apart_finetunes_with_the_same_config(vaes, tmp_path):
     assert a.matches(load_vae(vaes["kl"]).identity)
     older = VaeIdentity.from_dict({k: v for k, v in b.to_dict().items() if k != "weights_hash"})
     assert older.matches(a) and older.matches(b)  # a record without a fingerprint compares class and config
+
+
+def test_float16_is_raised_for_a_vae_that_asks_for_upcasting(vaes):
+    """SD-VAE's config sets force_upcast: in float16 it overflows, so it runs in float32."""
+    assert load_vae(vaes["kl"], dtype=torch.float16).dtype == torch.float32  # AutoencoderKL: force_upcast true
+    assert load_vae(vaes["kl"], dtype=torch.bfloat16).dtype == torch.bfloat16
