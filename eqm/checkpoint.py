@@ -98,7 +98,8 @@ def _latest_run(runs_root: Path, prefix: Optional[str] = None) -> Optional[Path]
     return best
 
 
-def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "runs", *, run_prefix: Optional[str] = None) -> Path:
+def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "runs", *, run_prefix: Optional[str] = None,
+                       warn=None, training: bool = False) -> Path:
     """Find a checkpoint directory.
 
     * None or "latest": the latest checkpoint of the latest run under ``runs_root`` (the run whose
@@ -107,7 +108,9 @@ def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "r
     * a run directory: its latest checkpoint;
     * a checkpoint directory, or a file inside one (state.json, model.safetensors, ...): that checkpoint.
 
-    Raises EqmError naming the path when nothing usable is there.
+    With ``warn`` given, "latest" and a run directory mean the newest *readable* checkpoint
+    (`latest_readable`; ``training`` also requires optim.pt). Raises EqmError naming the path
+    when nothing usable is there.
     """
     runs_root = Path(runs_root)
     if path is None or str(path) == "latest":
@@ -115,7 +118,7 @@ def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "r
         if run is None:
             which = f" named {run_prefix}-*" if run_prefix else ""
             raise EqmError(f"no checkpoint found: no run{which} with checkpoints under {runs_root}/ (train one, or pass a checkpoint path)")
-        return latest_checkpoint(run)  # type: ignore[return-value]
+        return _newest(run, warn, training)
     p = Path(path)
     if not p.exists():
         raise EqmError(f"checkpoint not found: {p}")
@@ -129,12 +132,55 @@ def resolve_checkpoint(path: Optional[PathLike] = None, runs_root: PathLike = "r
         ck = latest_checkpoint(p)
         if ck is None:
             raise EqmError(f"run directory {p} has no complete checkpoint yet")
-        return ck
+        return _newest(p, warn, training)
     if p.name == CKPT_DIR and p.is_dir():
         ck = latest_checkpoint(p.parent)
         if ck is not None:
-            return ck
+            return _newest(p.parent, warn, training)
     raise EqmError(f"{p} is neither a checkpoint directory (with {STATE_FILE}) nor a run directory")
+
+
+def _newest(run: Path, warn, training: bool) -> Path:
+    """The run's latest checkpoint; with ``warn``, its latest readable one."""
+    if warn is None:
+        return latest_checkpoint(run)  # type: ignore[return-value]
+    return latest_readable(run, training=training, warn=warn)  # type: ignore[return-value]
+
+
+def check_readable(ckpt: PathLike, *, training: bool = False) -> None:
+    """EqmError unless the checkpoint's files can be read: state.json, the weight files' headers
+    and, with ``training``, optim.pt. Cheap (no tensor is loaded but the optimizer state)."""
+    from safetensors import SafetensorError, safe_open
+
+    ckpt = Path(ckpt)
+    load_state(ckpt)
+    for name in (MODEL_FILE, EMA_FILE):
+        f = ckpt / name
+        if name == MODEL_FILE or f.exists():
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    fh.keys()
+            except (SafetensorError, OSError, ValueError) as e:
+                raise EqmError(f"cannot read weights {f}: {' '.join(str(e).split())[:200]}") from None
+    if training:
+        load_training_state(ckpt)
+
+
+def latest_readable(run_dir: PathLike, *, training: bool = False, warn=None) -> Optional[Path]:
+    """The newest checkpoint of ``run_dir`` that `check_readable` accepts (None if there is none):
+    a checkpoint damaged after it was written (a bad disk, a hand edit) costs one checkpoint
+    interval, not the run. ``warn(message)`` is told about every newer one passed over."""
+    ckpts = list_checkpoints(run_dir)
+    for ck in reversed(ckpts):
+        try:
+            check_readable(ck, training=training)
+            return ck
+        except EqmError as e:
+            if ck == ckpts[0]:
+                raise
+            if warn is not None:
+                warn(f"skipping unreadable checkpoint {ck} ({e}); using the one before it")
+    return None
 
 
 def run_dir_of(ckpt: PathLike) -> Path:
@@ -293,18 +339,53 @@ def clean_stale(run_dir: PathLike) -> int:
 # ============================================================================================
 
 
+#: state.json holds a recipe and an architecture: kilobytes. Anything far larger is not ours.
+MAX_STATE_BYTES = 16 * 1024 * 1024
+
+
 def load_state(ckpt: PathLike) -> dict:
-    """state.json of a checkpoint directory (EqmError if missing or unreadable)."""
+    """state.json of a checkpoint directory, its contents checked (`check_state`): EqmError naming
+    the file if it is missing, unreadable, not UTF-8 JSON, or holds values of the wrong type."""
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
         raise EqmError(f"checkpoint state not found: {path}")
     try:
-        state = json.loads(path.read_text())
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise EqmError(f"{path} is {path.stat().st_size} bytes, too large for a checkpoint state "
+                           f"(at most {MAX_STATE_BYTES})")
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise EqmError(f"checkpoint state {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise EqmError(f"checkpoint state {path} is nested too deeply") from None
     except (OSError, json.JSONDecodeError) as e:
         raise EqmError(f"cannot read checkpoint state {path}: {e}") from None
+    check_state(state, path)
+    return state
+
+
+def check_state(state: Any, path: PathLike) -> None:
+    """The fields readers rely on have the right types: step an integer >= 0, arch a mapping,
+    recipe a mapping, class_names a list of strings, has_ema true/false."""
     if not isinstance(state, dict) or "step" not in state or "arch" not in state:
         raise EqmError(f"{path} is not an eqmctl checkpoint state (needs 'step' and 'arch')")
-    return state
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise EqmError(f"{path}: 'step' must be an integer >= 0, got {_short(step)}")
+    for key in ("arch", "recipe"):
+        if key in state and not isinstance(state[key], dict):
+            raise EqmError(f"{path}: {key!r} must be a mapping, got {_short(state[key])}")
+    names = state.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise EqmError(f"{path}: 'class_names' must be a list of strings, got {_short(names)}")
+    if "has_ema" in state and not isinstance(state["has_ema"], bool):
+        raise EqmError(f"{path}: 'has_ema' must be true or false, got {_short(state['has_ema'])}")
+
+
+def _short(value: Any) -> str:
+    """A bounded JSON rendering of a value for a message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_weights(path: PathLike, device="cpu") -> dict:
@@ -390,9 +471,41 @@ def load_training_state(ckpt: PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise EqmError(f"checkpoint {ckpt} has no training state ({OPTIM_FILE}); it can be sampled from but not resumed")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        tstate = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise EqmError(f"refused to load training state {path}: {_refusal(str(e))} "
+                       "(a training state holds only tensors and plain values)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise EqmError(f"cannot read training state {path}: {' '.join(str(e).split())[:200]}") from None
+    _check_training_state(tstate, path)
+    return tstate
+
+
+def _refusal(message: str) -> str:
+    """What torch's weights_only unpickler refused, without its advice to turn the safety off."""
+    import re
+
+    text = " ".join(message.split())
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return f"it asks for the Python object {found.group(1)}, which could run code"
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|\. |$)", text)
+    return f"its pickle stream is not allowed ({found.group(1)[:120]})" if found else "it is not a plain tensor file"
+
+
+def _check_training_state(tstate: Any, path: Path) -> None:
+    """optim.pt as training writes it: a mapping whose optimizer / scheduler / rng entries (those
+    present; a resume needs all three) have the right shape."""
+    if not isinstance(tstate, dict):
+        raise EqmError(f"{path}: expected a mapping with 'optimizer', 'scheduler' and 'rng', got {type(tstate).__name__}")
+    for key in ("optimizer", "scheduler", "rng"):
+        if key in tstate and not isinstance(tstate[key], dict):
+            raise EqmError(f"{path}: {key!r} must be a mapping, got {type(tstate[key]).__name__}")
+    opt = tstate.get("optimizer", {"state": {}, "param_groups": []})
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise EqmError(f"{path}: 'optimizer' must hold 'state' (a mapping) and 'param_groups' (a list)")
+    if "rng" in tstate and not all(k in tstate["rng"] for k in ("python", "numpy", "torch")):
+        raise EqmError(f"{path}: 'rng' must hold the python, numpy and torch generator states")
 
 
 def weights_checksum(model_or_state) -> str:

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import budget
 from .errors import EqmError
 
 #: Reference rate r: tau = t_seconds * r (measured choice: docs/embedding.md#choosing-ref_fps).
@@ -170,6 +171,9 @@ class EqMConfig:
         need(self.time_order in TIME_ORDERS, "time_order", f"must be one of {', '.join(TIME_ORDERS)}")
         need(self.energy in ENERGY_KINDS, "energy", "must be None, 'dot' or 'l2'")
         self.time_channels  # the channel split must exist (raises naming hidden_size or time_frac)
+        budget.check_model("model", hidden_size=self.hidden_size, depth=self.depth, mlp_ratio=self.mlp_ratio,
+                           in_channels=self.in_channels, patch_size=self.patch_size, temporal_patch=self.temporal_patch,
+                           num_classes=self.num_classes, grid_tokens=self.grid[0] * self.grid[1])  # before allocating
 
     # ---------------------------------------------------------------- derived quantities
 

@@ -28,6 +28,8 @@ FORMATS = ("mp4", "mkv", "gif")
 
 #: Hard cap on frames per clip: a typo like --seconds 6000 should be an error, not an hour of compute.
 MAX_FRAMES = 4096
+#: Largest --upscale factor (nearest-neighbour enlargement of the written frames).
+MAX_UPSCALE = 64
 
 
 @dataclass
@@ -245,6 +247,20 @@ def sample_noise(num_samples: int, shape: Sequence[int], seed: int) -> torch.Ten
     return out
 
 
+def check_request(*, num_samples: int = 1, batch_size: Optional[int] = None, scale: int = 1,
+                  cfg_scale: Optional[float] = None) -> None:
+    """One-line errors for what a sampling request asks for, before any model is loaded: a bad
+    value must not surface after the whole sampling run (or as a traceback)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise EqmError(f"--num-samples must be at least 1, got {num_samples}")
+    if batch_size is not None and batch_size < 1:
+        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 1 <= scale <= MAX_UPSCALE:
+        raise EqmError(f"--upscale must be between 1 and {MAX_UPSCALE}, got {scale}")
+    if cfg_scale is not None and not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise EqmError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale}")
+
+
 def check_sampler_options(method: str = "gd", steps=None, step_size=None, momentum=None, tol=None) -> None:
     """One-line errors (named like the CLI flags) for sampler settings a user typed."""
     if method not in ("gd", "nag"):
@@ -268,8 +284,12 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise EqmError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EqmError(f"--device {device!r}: eqmctl runs on cpu or cuda devices")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EqmError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EqmError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -278,11 +298,11 @@ def _autocast(device: torch.device, dtype: Optional[str]):
 
     if dtype in (None, "fp32", "float32", "no"):
         return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise EqmError(f"--dtype {dtype} needs a CUDA device (running on {device.type})")
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
         raise EqmError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    if device.type != "cuda":
+        raise EqmError(f"--dtype {dtype} needs a CUDA device (running on {device.type})")
     return torch.autocast(device_type="cuda", dtype=table[dtype])
 
 
@@ -318,14 +338,9 @@ def generate(
     from .vae import plan_latents
 
     fps = parse_fps(fps)
-    if num_samples < 1:
-        raise EqmError(f"--num-samples must be at least 1, got {num_samples}")
-    if batch_size is not None and batch_size < 1:
-        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
+    check_request(num_samples=num_samples, batch_size=batch_size, cfg_scale=cfg_scale)
     if cfg_scale != 1.0 and labels is None:
         raise EqmError("--cfg-scale needs a class-conditional model (this one has no classes)")
-    if not math.isfinite(cfg_scale):
-        raise EqmError(f"--cfg-scale must be finite, got {cfg_scale}")
     settings = default_sampler_settings(method)
     steps = settings["steps"] if steps is None else steps
     step_size = settings["step_size"] if step_size is None else step_size
@@ -336,8 +351,9 @@ def generate(
     H, W = model.config.input_size
     plan = plan_latents(fps, num_frames, 1 if vae is None else vae.temporal)
     ts = plan.latent_timestamps
-    noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)
     bs = num_samples if batch_size is None else batch_size
+    _check_work(model, plan.num_latents, min(bs, num_samples) * (2 if cfg_scale != 1.0 else 1), device)
+    noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)
 
     outs, evals, rms = [], [], []
     for start in range(0, num_samples, bs):
@@ -368,13 +384,22 @@ def generate(
     )
 
 
+def _check_work(model, num_frames: int, batch: int, device) -> None:
+    """Refuse (with the estimate) a clip with too many tokens or a batch that cannot fit in memory."""
+    from . import budget
+
+    grid = model.grid[0] * model.grid[1]
+    budget.check_activations(f"{num_frames} frames of {model.input_size[0]}x{model.input_size[1]}", batch=batch,
+                             tokens=num_frames // model.temporal_patch * grid, hidden_size=model.hidden_size,
+                             depth=model.depth, device=device)
+
+
 def upscale(videos: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest-neighbour enlargement of (N, C, T, H, W) clips by an integer factor (tiny models
     make 24-pixel clips that players show as a speck; nearest keeps the pixels honest)."""
+    check_request(scale=factor)
     if factor == 1:
         return videos
-    if factor < 1 or factor > 64:
-        raise EqmError(f"--upscale must be between 1 and 64, got {factor}")
     return videos.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 

@@ -33,6 +33,9 @@ MAX_RATES = 12
 #: Clip length cap: the similarity matrix is frames_a x frames_b and a typo (--seconds 600) should
 #: be an error, not a 36000 x 14400 matrix.
 MAX_SECONDS = 60.0
+#: Most frames of one clip: the similarity matrix (and its plot) is frames_a x frames_b, so
+#: 60 s at 1000 fps (60000 x 60000, 29 GiB) is refused at once.
+MAX_CLIP_FRAMES = 4096
 PLOT_FILES = ("heatmap.png", "similarity.png", "separability.png", "frequencies.png")
 
 
@@ -342,6 +345,11 @@ def inspect_embedding(
     fa, fb = (_parse_rate(c, "compare") for c in compare)
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
         raise EqmError(f"seconds: clip duration must be in (0, {MAX_SECONDS:g}] seconds, got {seconds!r}")
+    for f in [*fr, fa, fb]:
+        n = frames_for_duration(seconds, f)
+        if n > MAX_CLIP_FRAMES:
+            raise EqmError(f"seconds: {seconds:g} s at {format_fps(f)} fps is {n} frames; the plots compare at most "
+                           f"{MAX_CLIP_FRAMES} frames per clip (shorten --seconds)")
 
     raw = cfg.with_time("seconds", 1.0)
     index = cfg.with_time("index")

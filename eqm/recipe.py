@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,11 +349,19 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 50, 50
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 4
+
+
+def _short(value: Any) -> str:
+    """repr bounded in size and depth (a value from a file can be any size)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
+    return f"{_short(value)} ({type(value).__name__})"
 
 
 class _Mismatch(Exception):
@@ -442,7 +451,7 @@ def _build(cls, data: Any, prefix: str, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if not isinstance(k, str) or k not in names:
-            raise _unknown_key(prefix + str(k), where)
+            raise _unknown_key(prefix + (k if isinstance(k, str) else _short(k))[:80], where)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -474,9 +483,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
         raise EqmError(f"override '{text}': '{key}' is not a dotted recipe key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_BoundedLoader) if raw.strip() else ""  # noqa: S506 -- SafeLoader
+    except _YamlLimit as e:
+        raise EqmError(f"override '{key}=...': refused: the value {e}") from None
     except yaml.YAMLError:
-        raise EqmError(f"override '{text}': the value is not a YAML scalar") from None
+        raise EqmError(f"override '{_short(text)}': the value is not a YAML scalar") from None
     return key, value
 
 
@@ -520,7 +531,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     """Check impossible values and cross-field constraints; raise EqmError naming the dotted key."""
 
     def bad(key: str, msg: str) -> EqmError:
-        return EqmError(f"{where}: {key} {msg}, got {recipe.get(key)!r}")
+        return EqmError(f"{where}: {key} {msg}, got {_short(recipe.get(key))}")
 
     def need(cond: bool, key: str, msg: str):
         if not cond:
@@ -565,7 +576,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     # train
     need(tr.steps >= 1, "train.steps", "must be >= 1")
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(tr.lr > 0, "train.lr", "must be > 0")
+    need(0 < tr.lr <= 1, "train.lr", "must be in (0, 1]")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
@@ -609,6 +620,29 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def check_memory(recipe: Recipe, device=None, where: Optional[str] = None) -> None:
+    """One training batch and one preview batch of ``recipe`` must fit on ``device`` (eqm.budget:
+    refused with the estimate). Training calls it before it builds anything; the weights alone are
+    checked by EqMConfig itself. In latent space the token count is the latents' (checked when the
+    model is built from them), so only pixel recipes are estimated here."""
+    from . import budget
+
+    d, t = recipe.data, recipe.train
+    if recipe.vae.path is not None or d.source == "latents":
+        return
+    where = where or f"recipe {recipe.name}"
+    cfg = recipe.model_config(num_classes=recipe.model.num_classes or 0)
+    grid = cfg.grid[0] * cfg.grid[1]
+    params = budget.model_params(hidden_size=cfg.hidden_size, depth=cfg.depth, mlp_ratio=cfg.mlp_ratio,
+                                 in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+                                 temporal_patch=cfg.temporal_patch, num_classes=cfg.num_classes, grid_tokens=grid)
+    budget.check_activations(where, batch=t.batch_size, tokens=d.num_frames // cfg.temporal_patch * grid,
+                             hidden_size=cfg.hidden_size, depth=cfg.depth, params=params, training=True, device=device)
+    budget.check_activations(f"{where}: train.preview_samples", batch=2 * t.preview_samples,
+                             tokens=(t.preview_frames or d.num_frames) // cfg.temporal_patch * grid,
+                             hidden_size=cfg.hidden_size, depth=cfg.depth, params=params, device=device)
+
+
 # ============================================================================================
 # Loading
 # ============================================================================================
@@ -629,26 +663,109 @@ def recipe_from_dict(data: Any, overrides: Optional[list[str]] = None, where: st
     return validate(recipe, where)
 
 
+#: Limits on a recipe file: a recipe is a few kilobytes, a few levels deep, some hundred values.
+MAX_RECIPE_BYTES = 1024 * 1024
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+
+
+class _YamlLimit(Exception):
+    """Raised inside the loader; load_recipe turns it into an EqmError naming the file."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that caps nesting depth while composing (no RecursionError) and, before any
+    Python object is built, the size of the document with every alias use expanded (an alias
+    bomb is refused in milliseconds instead of filling memory)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YamlLimit(f"is nested more than {MAX_YAML_DEPTH} levels deep at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expanded(node)
+        return node
+
+
+def _check_expanded(root) -> None:
+    """_YamlLimit when the node graph, aliases expanded, has more than MAX_YAML_NODES nodes or is
+    deeper than MAX_YAML_DEPTH, or refers to itself. Iterative, each distinct node measured once."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = _yaml_children(node)
+        if done:
+            size[id(node)] = 1 + sum(size[id(c)] for c in kids)
+            depth[id(node)] = 1 + max((depth[id(c)] for c in kids), default=0)
+            open_nodes.discard(id(node))
+            if size[id(node)] > MAX_YAML_NODES:
+                raise _YamlLimit(f"expands to more than {MAX_YAML_NODES} values (aliases counted at every use)")
+            if depth[id(node)] > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"is nested more than {MAX_YAML_DEPTH} levels deep once aliases are expanded")
+            continue
+        if id(node) in size:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for c in kids:
+            if id(c) in open_nodes:
+                raise _YamlLimit("has an alias that refers to the node containing it")
+            if id(c) not in size:
+                stack.append((c, False))
+
+
+def _yaml_children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read a recipe YAML, apply ``key.sub=value`` overrides, check keys, types and values.
 
-    Raises EqmError (one line, naming the file and the dotted key) on any problem.  ``name``
-    defaults to the file's stem.
+    Raises EqmError (one line, naming the file and the dotted key) on any problem: an empty file,
+    one larger than MAX_RECIPE_BYTES, nested deeper than MAX_YAML_DEPTH or expanding (aliases
+    counted at every use) past MAX_YAML_NODES values.  ``name`` defaults to the file's stem.
     """
     path = Path(path)
     if not path.is_file():
         raise EqmError(f"recipe file not found: {path}")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EqmError(f"cannot read recipe {path}: {e}") from None
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise EqmError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise EqmError(f"recipe {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise EqmError(f"cannot read recipe {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 -- a SafeLoader with limits
+    except _YamlLimit as e:
+        raise EqmError(f"recipe {path}: refused: the YAML {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise EqmError(f"recipe {path}: not valid YAML{at}: {problem}") from None
+    if data is None:
+        raise EqmError(f"recipe {path} is empty (no settings); start from one in recipes/")
     stem = re.sub(r"[^\w.+-]", "_", path.stem) or "run"
     return recipe_from_dict(data, overrides, where=str(path), name=stem)
 

@@ -16,6 +16,9 @@ from .errors import EqmError
 #: Rates above this are refused as input: no container or display uses them and they are almost
 #: always a typo (e.g. 6000 for 60). Override by passing max_fps.
 MAX_FPS = 1000
+#: Slowest rate accepted: one frame per 100 s (GIF's longest frame is 655 s; container time bases
+#: overflow somewhere below 1/100000).
+MIN_FPS = Fraction(1, 100)
 
 # Decimal spellings people use for the NTSC family, mapped to their exact fractions.
 _NTSC = {
@@ -68,6 +71,8 @@ def parse_fps(value: str | int | float | Fraction, *, name: str = "fps", max_fps
         raise EqmError(f"{name} must be positive, got {raw!r}")
     if fps > max_fps:
         raise EqmError(f"{name}={raw!r} is above the supported maximum of {max_fps} fps")
+    if fps < MIN_FPS:
+        raise EqmError(f"{name}={raw!r} is below the supported minimum of {float(MIN_FPS):g} fps (one frame per 100 s)")
     return fps
 
 

@@ -29,7 +29,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import EqMConfig
 from .errors import EqmError
-from .recipe import Recipe
+from .recipe import Recipe, check_memory
 from .rundir import RunDir
 
 PathLike = Union[str, Path]
@@ -355,6 +355,7 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
     from .latent import model_batch, model_input_shape, training_space
 
     check_tracker(recipe.tracking.backend)
+    check_memory(recipe, training=True, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = build_dataset(recipe, warn=warn)
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset)
@@ -414,17 +415,20 @@ def new_run_dir(runs_root: PathLike, name: str) -> Path:
     return path
 
 
-def _plan_run(recipe: Recipe, run_dir: Optional[PathLike], resume: Optional[PathLike], runs_root: PathLike):
-    """(run_dir, checkpoint to resume or None), decided on the main process."""
+def _plan_run(recipe: Recipe, run_dir: Optional[PathLike], resume: Optional[PathLike], runs_root: PathLike,
+              warn: Callable[[str], None]):
+    """(run_dir, checkpoint to resume or None), decided on the main process. "latest" and a run
+    directory mean the newest checkpoint that can be read (a newer damaged one is passed over, with
+    a warning)."""
     if resume is not None:
         if run_dir is not None and str(resume) == "latest":
-            ck = ckpt_io.latest_checkpoint(run_dir)
+            ck = ckpt_io.latest_readable(run_dir, training=True, warn=warn)
             if ck is None:
                 raise EqmError(f"--resume latest: run directory {run_dir} has no checkpoint")
         elif str(resume) == "latest":
-            ck = ckpt_io.resolve_checkpoint("latest", runs_root, run_prefix=recipe.name)
+            ck = ckpt_io.resolve_checkpoint("latest", runs_root, run_prefix=recipe.name, warn=warn, training=True)
         else:
-            ck = ckpt_io.resolve_checkpoint(resume, runs_root)
+            ck = ckpt_io.resolve_checkpoint(resume, runs_root, warn=warn, training=True)
         return Path(run_dir) if run_dir is not None else ckpt_io.run_dir_of(ck), ck
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -641,7 +645,7 @@ def train(
     warn = warn or _warn_stderr
     t0 = time.time()
     accelerator = _build_accelerator(recipe, Path(run_dir) if run_dir is not None else None, warn)
-    plan = _plan(accelerator, recipe, run_dir, resume, runs_root)
+    plan = _plan(accelerator, recipe, run_dir, resume, runs_root, warn)
     try:
         run = _setup_run(recipe, accelerator, plan, warn)
         if plan.resume_ckpt is not None:
@@ -676,7 +680,7 @@ class _Plan:
     files: Optional[RunDir] = None
 
 
-def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root) -> _Plan:
+def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root, warn: Callable[[str], None]) -> _Plan:
     """:func:`_locked_plan` on the main process, broadcast to every rank (its error raised on all)."""
     from accelerate.utils import broadcast_object_list
 
@@ -684,7 +688,7 @@ def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root) -> _Plan:
     files = None
     if accelerator.is_main_process:
         try:
-            files, ck = _locked_plan(recipe, run_dir, resume, runs_root)
+            files, ck = _locked_plan(recipe, run_dir, resume, runs_root, warn)
             msg = [str(files.path), None if ck is None else str(ck), None]
         except EqmError as e:
             msg = [None, None, (str(e), e.exit_code)]
@@ -697,14 +701,14 @@ def _plan(accelerator, recipe: Recipe, run_dir, resume, runs_root) -> _Plan:
     return _Plan(Path(msg[0]), Path(msg[1]) if msg[1] else None, files)
 
 
-def _locked_plan(recipe: Recipe, run_dir, resume, runs_root) -> tuple[RunDir, Optional[Path]]:
+def _locked_plan(recipe: Recipe, run_dir, resume, runs_root, warn: Callable[[str], None]) -> tuple[RunDir, Optional[Path]]:
     """:func:`_plan_run` with the run directory locked for this process.  A named ``run_dir`` is
     locked before its checkpoints are looked at, so two trainings never both decide on it."""
     given = RunDir(run_dir) if run_dir is not None else None
     if given is not None:
         given.lock()
     try:
-        rd, ck = _plan_run(recipe, run_dir, resume, runs_root)
+        rd, ck = _plan_run(recipe, run_dir, resume, runs_root, warn)
         files = given or RunDir(rd)
         if given is None:
             files.lock()
@@ -748,6 +752,7 @@ def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], N
     from .latent import model_input_shape, training_space
 
     main = accelerator.is_main_process
+    check_memory(recipe, training=True, device=accelerator.device)  # before anything is built
     dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset, accelerator.device)
@@ -775,9 +780,13 @@ def _restore(run: _Run, ckpt: Path, warn: Callable[[str], None]) -> None:
     ckpt_io.load_into(run.model, ckpt_io.load_weights(model_file, device), model_file)
     ckpt_io.load_into(run.ema.module, ckpt_io.load_weights(ema_file if ema_file.is_file() else model_file, device), ema_file)
     tstate = ckpt_io.load_training_state(ckpt, map_location="cpu")
-    run.optimizer.load_state_dict(tstate["optimizer"])
-    run.scheduler, run.sched_note = resume_schedule(run.optimizer, run.recipe, tstate["scheduler"])
-    ckpt_io.set_rng_state(tstate["rng"])
+    try:  # the structure is checked on load; values that do not fit this model are refused here
+        run.optimizer.load_state_dict(tstate["optimizer"])
+        run.scheduler, run.sched_note = resume_schedule(run.optimizer, run.recipe, tstate["scheduler"])
+        ckpt_io.set_rng_state(tstate["rng"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        text = " ".join(str(e).split())[:200]
+        raise EqmError(f"training state {ckpt / ckpt_io.OPTIM_FILE} does not fit this run: {type(e).__name__}: {text}") from None
     run.start_step = int(run.resume_state["step"])
     run.resume_ckpt = ckpt
     if run.files is not None:

@@ -59,7 +59,7 @@ def test_shipped_recipe_choices():
 
 
 def test_defaults_and_name_from_stem(tmp_path):
-    r = load_recipe(write(tmp_path, "", name="my-run.yaml"))
+    r = load_recipe(write(tmp_path, "{}\n", name="my-run.yaml"))  # an empty mapping: every default (an empty file is an error)
     assert r == recipe_from_dict({}, name="my-run")
     assert r.name == "my-run" and r.objective.a == 0.8 and r.objective.lam == 4.0
     assert r.objective.energy is None and r.model.learn_sigma is False

@@ -180,3 +180,291 @@ def test_non_float_weights_are_refused(tmp_path, dtype):
     code, _, err = run(["sample", "--fps", 12, "--ckpt", ck, "--out", tmp_path / "o", "-N", 1, "--steps", 1])
     assert code == 2
     one_line_error(err, "final_layer.linear.bias", "floating point")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. YAML: alias bombs and deep nesting are refused fast, messages stay short
+
+
+TINY_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny-synthetic.yaml"
+
+
+def _bomb(levels: int = 9) -> str:
+    text = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, levels):
+        text += f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n"
+    return text + f"model:\n  size: *a{levels - 1}\n"  # under a known key: 10**9 values
+
+
+@pytest.mark.parametrize("text, message", [
+    (_bomb(), "expands to more than"),
+    ("model: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than"),
+    ("".join("  " * i + f"k{i}:\n" for i in range(400)), "nested more than"),
+    ("x: &x [[[[[[[[[[1]]]]]]]]]]\ny: &y [[[[[[[[[[*x]]]]]]]]]]\nz: &z [[[[[[[[[[*y]]]]]]]]]]\nmodel: [*z]\n",
+     "once aliases are expanded"),
+    ("model: &m [*m]\n", "refers to the node containing it"),
+    ("model: !!python/object/apply:os.system [echo owned]\n", "not valid YAML"),  # tags never run code
+    ("", "is empty"),
+    ("# only a comment\n", "is empty"),
+])
+def test_hostile_yaml_is_refused_in_one_short_line(tmp_path, text, message):
+    rp = tmp_path / "r.yaml"
+    rp.write_text(text)
+    code, _, err = run(["train", rp, "--validate"])
+    assert code == 2
+    one_line_error(err, str(rp), message)
+    assert len(err) < 400
+
+
+def test_huge_values_are_not_formatted_into_messages(tmp_path):
+    rp = tmp_path / "r.yaml"
+    rp.write_text("train:\n  lr: [" + ", ".join(["1"] * 50000) + "]\nname: " + "n" * 200000 + "\n")
+    code, _, err = run(["train", rp, "--validate"])
+    assert code == 2 and len(err) < 400
+    code, _, err = run(["train", TINY_RECIPE, "--validate", "train.lr=[&a [1,1,1,1,1,1,1,1,1,1], "
+                        + ", ".join(["*a"] * 20000) + "]"])
+    assert code == 2 and "expands to more than" in err and len(err) < 400
+
+
+# ------------------------------------------------------------------------------------------------
+# 8 / 9. bad values: one line, before any work; sizes estimated before allocating
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=1000000", "of float32 weights"),
+    ("model.depth=10000000", "of float32 weights"),
+    ("train.batch_size=100000000", "needs about"),
+    ("train.preview_samples=100000000", "needs about"),
+    ("train.lr=1e39", "train.lr must be in (0, 1]"),
+    ("train.preview_fps=1e-9", "below the supported minimum"),
+])
+def test_recipe_values_past_sane_bounds(override, message):
+    code, _, err = run(["train", TINY_RECIPE, "--validate", override])
+    assert code == 2
+    one_line_error(err, message)
+
+
+def test_huge_frames_are_refused_with_an_estimate():
+    code, _, err = run(["train", TINY_RECIPE, "--validate", "data.height=20000", "data.width=20000",
+                        "model.patch_size=1"])
+    assert code == 2
+    one_line_error(err, "parameters", "this machine has")
+
+
+def test_sample_request_checked_before_sampling(tmp_path):
+    ck = save_ckpt(tmp_path / "run", tiny_model())
+    out = tmp_path / "out"
+    base = ["sample", "--ckpt", ck, "--out", out, "--steps", 1]
+    for args, message in (
+        (["--fps", "1e-9"], "below the supported minimum"),
+        (["--fps", 12, "--num-samples", -2], "--num-samples must be at least 1"),
+        (["--fps", 12, "--upscale", 0], "--upscale must be between 1 and 64"),
+        (["--fps", 12, "--cfg-scale", -5], "--cfg-scale must be a finite number >= 0"),
+        (["--fps", 12, "--device", "meta"], "cpu or cuda"),
+        (["--fps", 12, "--dtype", "xyz"], "--dtype must be fp32, bf16 or fp16"),
+    ):
+        code, _, err = run(base + args)
+        assert code == 2, (args, err)
+        one_line_error(err, message)
+        assert not out.exists()
+
+
+def test_sample_with_too_many_tokens_is_refused(tmp_path):
+    """`sample --frames 4096` is within the frame cap, but with 64 tokens a frame it is 262144 tokens
+    of attention: refused at once (eqm.budget.MAX_TOKENS) instead of not finishing a step."""
+    from eqm import budget
+    from eqm.generate import generate
+
+    torch.manual_seed(0)
+    model = EqMTransformer(**{**ARCH, "input_size": 32})  # 8 x 8 = 64 tokens a frame
+    ck = save_ckpt(tmp_path / "run", model)
+    code, _, err = run(["sample", "--fps", 12, "--ckpt", ck, "--out", tmp_path / "o", "--frames", 4096, "-N", 1])
+    assert code == 2
+    one_line_error(err, "262144 tokens per clip", str(budget.MAX_TOKENS))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(EqmError, match="tokens per clip"):
+        generate(model, fps=12, num_frames=budget.MAX_TOKENS // 64 + 1, num_samples=1, steps=1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"step": "abc"}, "'step' must be an integer >= 0"),
+    ({"step": -5}, "'step' must be an integer >= 0"),
+    ({"class_names": 5}, "'class_names' must be a list of strings"),
+    ({"arch": [1, 2]}, "'arch' must be a mapping"),
+    ({"arch": {"num_classes": -3}}, "num_classes must be an integer >= 0"),
+    ({"arch": {"hidden_size": 10 ** 7, "num_heads": 1}}, "of float32 weights"),
+    ({"arch": {"depth": "4"}}, "depth must be an integer"),
+])
+def test_state_json_contents_are_validated(tmp_path, change, message):
+    ck = save_ckpt(tmp_path / "run", tiny_model())
+    state = json.loads((ck / C.STATE_FILE).read_text())
+    for k, v in change.items():
+        state[k] = {**state["arch"], **v} if k == "arch" and isinstance(v, dict) else v
+    (ck / C.STATE_FILE).write_text(json.dumps(state))
+    code, _, err = run(["sample", "--fps", 12, "--ckpt", ck, "--out", tmp_path / "o", "-N", 1, "--steps", 1])
+    assert code == 2
+    one_line_error(err, message)
+
+
+def test_state_json_not_utf8(tmp_path):
+    ck = save_ckpt(tmp_path / "run", tiny_model())
+    (ck / C.STATE_FILE).write_bytes(b'{"step": 1, "arch": {}, "x": "\xff\xfe"}')
+    code, _, err = run(["sample", "--fps", 12, "--ckpt", ck, "--out", tmp_path / "o"])
+    assert code == 2
+    one_line_error(err, "not UTF-8")
+
+
+def test_optim_pt_refusals_say_what_was_refused(tmp_path):
+    import pickle
+
+    ck = save_ckpt(tmp_path / "run", tiny_model())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    for protocol, refused in ((2, "system"), (4, "Unsupported operand")):
+        with open(ck / C.OPTIM_FILE, "wb") as f:
+            pickle.dump({"optimizer": Evil()}, f, protocol=protocol)
+        with pytest.raises(EqmError) as e:
+            C.load_training_state(ck)
+        text = str(e.value)
+        assert "refused" in text and refused in text and "\n" not in text
+        assert "weights_only` set to `False`" not in text and "file an issue" not in text
+    torch.save({"optimizer": {"state": {}, "param_groups": []}, "scheduler": 3, "rng": {}}, ck / C.OPTIM_FILE)
+    with pytest.raises(EqmError, match="'scheduler' must be a mapping"):
+        C.load_training_state(ck)
+    torch.save([1, 2], ck / C.OPTIM_FILE)
+    with pytest.raises(EqmError, match="expected a mapping"):
+        C.load_training_state(ck)
+
+
+def test_os_errors_are_one_line_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    ck = save_ckpt(tmp_path / "run", tiny_model())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["sample", "--fps", 12, "--ckpt", ck, "-N", 1, "--steps", 1, "--format", "gif"]
+    code, _, err = run(args + ["--out", blocker / "out"])
+    assert code == 2
+    one_line_error(err, "Not a directory", str(blocker / "out"))
+    if os.geteuid() != 0:  # root ignores permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, _, err = run(args + ["--out", locked / "out"])
+        assert code == 2
+        one_line_error(err, "ermission denied", str(locked / "out"))
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(os, "replace", full)  # every atomic write ends in os.replace
+    code, _, err = run(args + ["--out", tmp_path / "out"])
+    assert code in (1, 2)  # the video writer reports it as its own one-line error (2)
+    one_line_error(err, "No space left on device", str(tmp_path / "out"))
+    monkeypatch.undo()
+
+    def full_json(path, obj, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    import eqm.generate
+
+    monkeypatch.setattr(eqm.generate.fsio, "write_json", full_json)  # an OS error nobody converts
+    code, _, err = run(args + ["--out", tmp_path / "out2"])
+    assert code == 1
+    one_line_error(err, "No space left on device", "samples.json")
+
+
+def test_internal_errors_have_their_own_exit_code(monkeypatch, two_videos):
+    """probe-fps: 1 means a file is broken; a crash of the tool itself is exit 3, one line."""
+    import eqm.video.probe as probe
+
+    def crash(*a, **k):
+        raise TypeError("simulated bug")
+
+    monkeypatch.setattr(probe, "probe_paths", crash)
+    code, _, err = run(["probe-fps", two_videos[0]])
+    assert code == 3
+    one_line_error(err, "internal error", "TypeError: simulated bug")
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. folder datasets: symlinks never relabel or duplicate a video
+
+
+def test_folder_dataset_symlinks_never_relabel_or_duplicate(tmp_path):
+    from eqm.data.clips import ClipPolicy, DataWarning, VideoFolderDataset
+
+    root = tmp_path / "data"
+    for cls, n in (("cats", 2), ("dogs", 3)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            tiny_video(root / cls / f"{cls}{i}.mp4", frames=6)
+    outside = tiny_video(tmp_path / "elsewhere.mp4", frames=6)
+    (root / "cats" / "more").symlink_to(root / "dogs", target_is_directory=True)  # a folder link into a class
+    (root / "cats" / "dog0.mp4").symlink_to(root / "dogs" / "dogs0.mp4")  # a file link to another class's video
+    os.link(root / "dogs" / "dogs1.mp4", root / "cats" / "hard.mp4")  # the same file, hard linked
+    (root / "cats" / "outside.mp4").symlink_to(outside)  # a link to a video outside the tree: a cat
+    (root / "dogs" / "loop").symlink_to(root, target_is_directory=True)
+    policy = ClipPolicy(num_frames=4, fps_min=6, fps_max=12, height=16, width=16)
+    with pytest.warns(DataWarning) as caught:
+        ds = VideoFolderDataset(root, policy, seed=0)
+    text = " ".join(str(w.message) for w in caught)
+    assert "symlinked folder" in text and "used once" in text
+    labels = {Path(s.path).name: ds.class_names[s.label] for s in ds.sources}
+    # the hard-linked pair is one file with two plain names: kept once, under the first class
+    assert sorted(labels) == ["cats0.mp4", "cats1.mp4", "dogs0.mp4", "dogs2.mp4", "hard.mp4", "outside.mp4"]
+    assert {k for k, v in labels.items() if v == "dogs"} == {"dogs0.mp4", "dogs2.mp4"}
+    assert len({os.path.realpath(s.path) for s in ds.sources}) == len(ds.sources)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. a damaged newest checkpoint: sample and --resume latest fall back to the one before
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
+    run_dir = tmp_path / "run"
+    model = tiny_model()
+    old = C.save_checkpoint(run_dir, 10, model=model, ema=model, arch=model.arch_config(), recipe={"name": "t"},
+                            optimizer_state={"optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
+                                             "rng": C.rng_state()})
+    new = save_ckpt(run_dir, model, step=20)
+    (new / C.MODEL_FILE).write_bytes(b"\x00" * 100)  # cut short on a bad disk
+    code, _, err = run(["sample", "--fps", 12, "--ckpt", run_dir, "--out", tmp_path / "out", "-N", 1,
+                        "--steps", 1, "--format", "gif"])
+    assert code == 0, err
+    assert "skipping unreadable checkpoint" in err and str(new) in err
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["checkpoint"] == str(old)
+    # resuming also needs optim.pt: the newest without a readable one is passed over
+    (new / C.MODEL_FILE).write_bytes((old / C.MODEL_FILE).read_bytes())
+    (new / C.OPTIM_FILE).write_bytes(b"garbage")
+    warned = []
+    assert C.latest_readable(run_dir, training=True, warn=warned.append) == old
+    assert "training state" in warned[0] and str(new) in warned[0]
+    assert C.resolve_checkpoint(run_dir) == new  # without warn: the newest, as before
+    with pytest.raises(EqmError, match="cannot read weights"):  # a checkpoint named explicitly: no fallback
+        (old / C.EMA_FILE).write_bytes(b"")
+        C.load_model(old)
+
+
+def test_retime_opens_protocol_names_as_files(tmp_path, monkeypatch):
+    """`retime pipe:0` must not read stdin, `tcp:...` must not open a socket: names are files."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("pipe:0", "tcp:127.0.0.1:9"):
+        code, _, err = run(["retime", name, "--fps", 24, "--out", "o.mp4"])
+        assert code == 2
+        one_line_error(err, "not found", name)
+    os.rename(tiny_video(tmp_path / "v.mp4", frames=6), tmp_path / "pipe:0")  # a real file of that name is read
+    code, _, err = run(["retime", "pipe:0", "--fps", 24, "--out", "o.mp4"])
+    assert code == 0, err
+    assert (tmp_path / "o.mp4").is_file()
+
+
+def test_inspect_embed_sizes_are_bounded(tmp_path):
+    for args, message in ((["--hidden-size", 10_000_000], "hidden size must be an integer from 1 to 65536"),
+                          (["--rates", 1000, "--compare", "1000,999", "--seconds", 60], "60000 frames")):
+        code, _, err = run(["inspect-embed", "--out", tmp_path / "o"] + args)
+        assert code == 2
+        one_line_error(err, message)
+        assert not (tmp_path / "o").exists()

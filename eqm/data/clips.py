@@ -424,17 +424,13 @@ class VideoFolderDataset(_VideoClipDataset):
 
     def __init__(self, root, policy: ClipPolicy, seed: int = 0, *, clips_per_file: int = 1,
                  workers: Optional[int] = None, warn: Optional[Callable[[str], None]] = None):
-        from eqm.video.probe import VIDEO_EXTENSIONS, collect_videos, probe_paths
+        from eqm.video.probe import VIDEO_EXTENSIONS, probe_paths
 
         root_p = Path(root)
         super().__init__(policy, seed, clips_per_file=clips_per_file, warn=warn, name=str(root_p))
         if not root_p.is_dir():
             raise EqmError(f"video folder not found: {root_p} (data.root)")
-        classes: list[tuple[str, list[Path]]] = []
-        for d in sorted(p for p in root_p.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files = collect_videos([d])
-            if files:
-                classes.append((d.name, files))
+        classes = self._class_files(root_p, VIDEO_EXTENSIONS)
         stray = [p for p in root_p.iterdir()
                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_EXTENSIONS]
         if stray:
@@ -447,6 +443,48 @@ class VideoFolderDataset(_VideoClipDataset):
         for res, label in zip(probe_paths(files, workers=workers), labels):
             self._add(res, label)
         self._finish(len(files))
+
+
+    def _class_files(self, root: Path, extensions) -> list[tuple[str, list[Path]]]:
+        """(class name, files) per class subfolder, each real file once, labelled by the class
+        folder it really lies in.
+
+        Symlinked folders inside a class are not followed (they could lead into another class);
+        a file reached twice (a symlink or hard link to a video elsewhere in the tree) counts
+        once: under the class that holds it as a plain file, else under the first class, sorted.
+        """
+        found: list[tuple[bool, int, Path]] = []  # (reached through a symlink, class, path)
+        names: list[str] = []
+        links_skipped = 0
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            names.append(d.name)
+            for dirpath, dirnames, filenames in os.walk(d):  # followlinks=False
+                links_skipped += sum(os.path.islink(os.path.join(dirpath, n)) for n in dirnames)
+                dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+                for n in sorted(filenames):
+                    f = Path(dirpath) / n
+                    if not n.startswith(".") and f.suffix.lower() in extensions:
+                        found.append((f.is_symlink(), len(names) - 1, f))
+        seen: set[tuple[int, int]] = set()
+        per_class: list[list[Path]] = [[] for _ in names]
+        twice = 0
+        for _link, k, f in sorted(found, key=lambda e: (e[0], e[1])):  # plain files first, stable
+            try:
+                st = f.stat()
+            except OSError:  # a dangling link: the probe reports it as missing
+                per_class[k].append(f)
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                twice += 1
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            per_class[k].append(f)
+        if links_skipped:
+            self._warn(f"not following {links_skipped} symlinked folder(s) inside the class folders of {root}: "
+                       "a video's class is the folder it really lies in")
+        if twice:
+            self._warn(f"{twice} file(s) in {root} are links to videos already found; each video is used once")
+        return [(name, fs) for name, fs in zip(names, per_class) if fs]
 
 
 class ManifestDataset(_VideoClipDataset):

@@ -51,7 +51,6 @@ def inspect_embed(
     frequencies.png: each temporal frequency in Hz against each rate's Nyquist limit.
     """
     with user_errors():
-        from eqm.jsonio import dumps
         from dataclasses import replace
 
         from eqm.errors import EqmError

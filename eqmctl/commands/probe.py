@@ -38,7 +38,8 @@ def probe_fps(
 
     Exit status: 0 every file probed ok; 1 at least one file is broken (truncated, empty, not a
     video, audio only, unreadable, ...: see its status); 2 bad usage (a path that does not
-    exist, no video files found, a bad option).
+    exist, no video files found, a bad option, a --manifest it must not replace); 3 an internal
+    error (a bug in eqmctl, never a verdict on a file).
     """
     with user_errors():
         from eqm.errors import EqmError

@@ -63,7 +63,7 @@ def sample(
         from eqm.checkpoint import load_model, resolve_checkpoint
         from eqm.errors import EqmError, NonFiniteError
         from eqm.generate import (
-            FORMATS, check_sampler_options, generate, parse_labels, plan_frames, recipe_cfg_scale, resolve_device,
+            FORMATS, check_request, check_sampler_options, generate, parse_labels, plan_frames, recipe_cfg_scale, resolve_device,
             write_generation,
         )
         from eqm.timebase import format_fps, parse_fps
@@ -78,9 +78,10 @@ def sample(
         if out.exists() and not out.is_dir():
             raise EqmError(f"--out {out} exists and is not a folder")
         check_sampler_options(sampler, steps, step_size, momentum, tol)
+        check_request(num_samples=num_samples, batch_size=batch_size, scale=upscale, cfg_scale=cfg_scale)
         dev = resolve_device(device)
 
-        path = resolve_checkpoint(ckpt, runs_root)
+        path = resolve_checkpoint(ckpt, runs_root, warn=warn)  # a damaged newest checkpoint: the one before
         if ckpt is None:
             err_console.print(f"using the latest checkpoint: [bold]{path}[/]", highlight=False)
         model, state = load_model(path, use_ema=ema, device=dev)
