@@ -388,10 +388,11 @@ def _check_work(model, num_frames: int, batch: int, device) -> None:
     """Refuse (with the estimate) a clip with too many tokens or a batch that cannot fit in memory."""
     from . import budget
 
-    grid = model.grid[0] * model.grid[1]
-    budget.check_activations(f"{num_frames} frames of {model.input_size[0]}x{model.input_size[1]}", batch=batch,
-                             tokens=num_frames // model.temporal_patch * grid, hidden_size=model.hidden_size,
-                             depth=model.depth, device=device)
+    cfg = model.config
+    grid = cfg.grid[0] * cfg.grid[1]
+    budget.check_activations(f"{num_frames} frames of {cfg.input_size[0]}x{cfg.input_size[1]}", batch=batch,
+                             tokens=num_frames // cfg.temporal_patch * grid, hidden_size=cfg.hidden_size,
+                             depth=cfg.depth, device=device)
 
 
 def upscale(videos: torch.Tensor, factor: int) -> torch.Tensor:

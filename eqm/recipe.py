@@ -576,7 +576,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     # train
     need(tr.steps >= 1, "train.steps", "must be >= 1")
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(0 < tr.lr <= 1, "train.lr", "must be in (0, 1]")
+    need(0 < tr.lr <= MAX_LR, "train.lr", f"must be in (0, {MAX_LR:g}]")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     need(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
@@ -662,6 +662,10 @@ def recipe_from_dict(data: Any, overrides: Optional[list[str]] = None, where: st
         recipe.name = name
     return validate(recipe, where)
 
+
+#: Largest train.lr accepted: AdamW steps move weights by about lr each, so 1 is already a blow-up
+#: (tests provoke divergence with it); 1e39 overflowed float32 inside the optimizer step.
+MAX_LR = 1.0
 
 #: Limits on a recipe file: a recipe is a few kilobytes, a few levels deep, some hundred values.
 MAX_RECIPE_BYTES = 1024 * 1024

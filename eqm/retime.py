@@ -11,6 +11,7 @@ audio is not carried over.  The design of each mode and why: docs/design.md#reti
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -573,31 +574,18 @@ def retime_video(
     if mode == "model":
         check_retime_vae(model, vae)  # before reading the input: a refusal costs nothing
     src, dst = check_paths(src, dst)
+    if mode == "speed":
+        return _retime_speed(src, dst, fps_out, codec=codec, crf=crf)
 
     video = read_video(src)
     n_in = int(video.frames.shape[0])
-    notices: list[str] = []
-    if video.has_audio:
-        notices.append(f"{src.name} has an audio track; retime writes video only, so the audio was dropped")
-    last = None
-    if is_variable_rate(video.pts):
-        from .video.probe import probe_file  # the last frame's real display time (packet duration)
-
-        pr = probe_file(src)
-        if pr.status == "ok" and pr.duration and pr.duration > video.pts[-1]:
-            last = pr.duration - float(video.pts[-1])
-    duration_in, vfr = video_duration(video.pts, video.fps, last_duration=last)
+    notices = _audio_notice(src, video.has_audio)
+    duration_in, vfr = _input_duration(src, video.pts, video.fps)
     fps_in = video.fps
 
     generated, windows, evals = 0, 0, []
     if mode == "resample":
         out, _ = resample_frames(video.frames, video.pts, fps_out, duration=duration_in, blend=blend)
-    elif mode == "speed":
-        out = video.frames
-        if vfr:
-            notices.append(
-                f"variable-rate input: its irregular frame times are replaced by a constant {format_fps(fps_out)} fps"
-            )
     else:
         res = interpolate_frames(
             model, video.frames, video.pts, fps_out, duration=duration_in, vfr=vfr, fps_in=fps_in, window=window,
@@ -615,6 +603,52 @@ def retime_video(
         frames_out=written.num_frames, duration_in=float(duration_in), duration_out=float(written.duration),
         notices=notices, vfr_in=vfr, generated=generated, windows=windows, evals=evals,
     )
+
+
+def _retime_speed(src: Path, dst: Path, fps_out: Fraction, *, codec, crf) -> RetimeResult:
+    """--mode speed: the same frames at ``fps_out``, streamed from the decoder to the encoder (one
+    frame in memory, whatever the input's length; a GIF output collects its frames first)."""
+    from .video.io import open_frames, write_video
+
+    pts: list[float] = []
+    with open_frames(src) as video:
+        first = next(video.frames, None)
+        if first is None:
+            raise EqmError(f"no frames could be decoded from {src}")
+
+        def frames():
+            for t, image in itertools.chain([first], video.frames):
+                pts.append(t)
+                yield image
+
+        written = write_video(dst, frames(), fps_out, codec=codec, crf=crf)
+    rel = np.asarray(pts, dtype=np.float64) - pts[0]
+    duration_in, vfr = _input_duration(src, rel, video.fps)
+    notices = _audio_notice(src, video.has_audio)
+    if vfr:
+        notices.append(f"variable-rate input: its irregular frame times are replaced by a constant {format_fps(fps_out)} fps")
+    notices.extend(written.warnings)
+    return RetimeResult(
+        path=Path(written.path), mode="speed", fps_in=video.fps, fps_out=written.fps, frames_in=len(pts),
+        frames_out=written.num_frames, duration_in=float(duration_in), duration_out=float(written.duration),
+        notices=notices, vfr_in=vfr,
+    )
+
+
+def _audio_notice(src: Path, has_audio: bool) -> list[str]:
+    return [f"{src.name} has an audio track; retime writes video only, so the audio was dropped"] if has_audio else []
+
+
+def _input_duration(src: Path, pts: np.ndarray, fps: Optional[Fraction]):
+    """(duration, vfr) of the input; a variable-rate file's last frame lasts its real packet duration."""
+    last = None
+    if is_variable_rate(pts):
+        from .video.probe import probe_file  # the last frame's real display time (packet duration)
+
+        pr = probe_file(src)
+        if pr.status == "ok" and pr.duration and pr.duration > pts[-1]:
+            last = pr.duration - float(pts[-1])
+    return video_duration(pts, fps, last_duration=last)
 
 
 # =============================================================================================

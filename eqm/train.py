@@ -355,7 +355,7 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
     from .latent import model_batch, model_input_shape, training_space
 
     check_tracker(recipe.tracking.backend)
-    check_memory(recipe, training=True, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    check_memory(recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = build_dataset(recipe, warn=warn)
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset)
@@ -752,7 +752,7 @@ def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], N
     from .latent import model_input_shape, training_space
 
     main = accelerator.is_main_process
-    check_memory(recipe, training=True, device=accelerator.device)  # before anything is built
+    check_memory(recipe, accelerator.device)  # before anything is built
     dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset, accelerator.device)

@@ -394,46 +394,71 @@ def _nearest_frames(first, frames, stream, req: np.ndarray, step: float, p: Path
     return picked.frames, picked.times, chosen
 
 
+@dataclass
+class FrameReader:
+    """A video opened for decoding one frame at a time (`open_frames`): ``fps`` (the header rate,
+    eqm.video.av_util.header_rate, as an exact Fraction; None if unknown) and ``has_audio`` are
+    known at once; ``frames`` yields (seconds, uint8 (H, W, 3)) in presentation order, seconds from
+    the stream's start (duplicate or backwards timestamps of a broken file are dropped)."""
+
+    fps: Optional[Fraction]
+    has_audio: bool
+    frames: Iterator
+
+
+@contextlib.contextmanager
+def open_frames(path) -> Iterator[FrameReader]:
+    """Open ``path`` for streaming decode (one frame in memory at a time); one-line EqmError for
+    an unreadable file or a decode error."""
+    p = _check_input(path)
+    container, stream = _open_video(p)
+    try:
+        fps = header_rate(stream)
+        yield FrameReader(fps=fps, has_audio=len(container.streams.audio) > 0, frames=_decoded(container, stream, fps, p))
+    finally:
+        container.close()
+
+
+def _decoded(container, stream, fps: Optional[Fraction], p: Path) -> Iterator:
+    import av
+
+    step = 1.0 / float(fps) if fps else 0.0
+    last = None
+    try:
+        for frame in container.decode(stream):
+            t = _frame_time(frame, stream)
+            if t is None:  # no timestamp at all: assume the nominal rate
+                t = (last + step) if last is not None else 0.0
+            if last is not None and t <= last:
+                continue  # duplicate or backwards pts in a broken file
+            last = t
+            yield t, frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as e:
+        raise EqmError(f"cannot decode video {p}: {error_text(e)}") from None
+
+
 def read_video(path, max_frames: Optional[int] = None) -> VideoData:
-    """Decode a whole video (or its first `max_frames` frames) into memory.
+    """Decode a whole video (or its first `max_frames` frames) into memory (`open_frames`).
 
     pts are seconds relative to the first decoded frame, in presentation order; fps is the
     stream's header rate (average, else base, else guessed: eqm.video.av_util.header_rate) as an
     exact Fraction, None if unknown.
-    Meant for retiming user files; training clips use `read_clip`.
+    Meant for retiming user files; training clips use `read_clip`, streaming `open_frames`.
     """
-    import av
-
-    p = _check_input(path)
     if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
-        raise EqmError(f"max_frames must be a positive integer, got {max_frames!r} (reading {p})")
-    container, stream = _open_video(p)
+        raise EqmError(f"max_frames must be a positive integer, got {max_frames!r} (reading {path})")
     frames: list[np.ndarray] = []
     times: list[float] = []
-    try:
-        fps = header_rate(stream)
-        has_audio = len(container.streams.audio) > 0
-        step = 1.0 / float(fps) if fps else 0.0
-        for frame in container.decode(stream):
-            t = _frame_time(frame, stream)
-            if t is None:  # no timestamp at all: assume the nominal rate
-                t = (times[-1] + step) if times else 0.0
-            if times and t <= times[-1]:
-                continue  # duplicate or backwards pts in a broken file
-            frames.append(frame.to_ndarray(format="rgb24"))
+    with open_frames(path) as video:
+        for t, image in itertools.islice(video.frames, max_frames):
+            frames.append(image)
             times.append(t)
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    except av.error.FFmpegError as e:
-        raise EqmError(f"cannot decode video {p}: {error_text(e)}") from None
-    finally:
-        container.close()
     if not frames:
-        raise EqmError(f"no frames could be decoded from {p}")
+        raise EqmError(f"no frames could be decoded from {path}")
     if len({f.shape for f in frames}) != 1:
-        raise EqmError(f"frames of {p} change size mid-stream; cannot read it as one video")
+        raise EqmError(f"frames of {path} change size mid-stream; cannot read it as one video")
     pts = np.asarray(times, dtype=np.float64)
-    return VideoData(frames=np.stack(frames), pts=pts - pts[0], fps=fps, has_audio=has_audio)
+    return VideoData(frames=np.stack(frames), pts=pts - pts[0], fps=video.fps, has_audio=video.has_audio)
 
 
 # =============================================================================================
@@ -505,7 +530,9 @@ def write_video(
 ) -> WriteResult:
     """Write `frames` to `path` (.mp4, .mkv or .gif, chosen by suffix) at exactly `fps`.
 
-    frames: uint8 (T, H, W, 3) or float (C, T, H, W) in [-1, 1] (numpy or torch).
+    frames: uint8 (T, H, W, 3) or float (C, T, H, W) in [-1, 1] (numpy or torch), or an iterator
+      of uint8 (H, W, 3) frames, encoded as they come (.mp4 / .mkv at a constant rate: memory
+      stays one frame whatever the length; GIF and ``pts`` collect them first).
     fps: anything `eqm.timebase.parse_fps` accepts; stored as an exact fraction.
     pts: optional per-frame presentation times in seconds (strictly increasing, shifted so the
       first is 0) for variable-rate output; the last frame lasts 1 / fps.
@@ -521,7 +548,10 @@ def write_video(
         raise EqmError(f"cannot write {p}: unknown video format {suffix or '(no suffix)'!r}; use one of {known}")
     warnings: list[str] = []
     rate = _exact_rate(fps, p, warnings)
-    arr = _as_frames(frames, p)
+    streamed = _is_frame_iterator(frames)
+    if streamed and (pts is not None or suffix == ".gif"):
+        frames, streamed = list(frames), False  # GIF delays and pts need every frame up front
+    arr = _FrameStream(frames, p) if streamed else _as_frames(frames, p)
     rel_pts = _check_pts(pts, arr.shape[0], p) if pts is not None else None
     if keyint is not None and (isinstance(keyint, bool) or not isinstance(keyint, int) or keyint < 1):
         raise EqmError(f"cannot write {p}: keyint must be a positive number of frames, got {keyint!r}")
@@ -535,7 +565,44 @@ def write_video(
     return _write_av(p, WRITE_FORMATS[suffix], arr, rate, rel_pts, codec or DEFAULT_CODEC, crf, keyint, preset, warnings)
 
 
-def _write_av(p: Path, fmt: str, arr: np.ndarray, rate: Fraction, rel_pts, codec: str, crf, keyint, preset, warnings) -> WriteResult:
+def _is_frame_iterator(frames) -> bool:
+    return not (frames is None or _is_tensor(frames) or isinstance(frames, (np.ndarray, list, tuple)))
+
+
+class _FrameStream:
+    """An iterator of uint8 (H, W, 3) frames seen through the array interface `_write_av` uses:
+    ``shape`` from the first frame (T unknown: -1), iteration checks every frame's type and size."""
+
+    def __init__(self, frames, path: Path):
+        self._it, self.path = iter(frames), path
+        try:
+            self._first = self._check(next(self._it), None)
+        except StopIteration:
+            raise EqmError(f"cannot write {path}: no frames to write") from None
+        self.shape = (-1, *self._first.shape)
+
+    def _check(self, frame, shape) -> np.ndarray:
+        a = np.asarray(frame)
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3 or 0 in a.shape:
+            raise EqmError(f"cannot write {self.path}: streamed frames must be uint8 (H, W, 3), got {a.dtype} {a.shape}")
+        if shape is not None and a.shape != shape:
+            raise EqmError(f"cannot write {self.path}: frames change size mid-stream ({shape[1]}x{shape[0]} "
+                           f"to {a.shape[1]}x{a.shape[0]})")
+        return np.ascontiguousarray(a)
+
+    def __iter__(self):
+        yield self._first
+        for frame in self._it:
+            yield self._check(frame, self._first.shape)
+
+
+def _pad_even(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    if frame.shape[0] == h and frame.shape[1] == w:
+        return frame
+    return np.pad(frame, ((0, h - frame.shape[0]), (0, w - frame.shape[1]), (0, 0)), mode="edge")
+
+
+def _write_av(p: Path, fmt: str, arr, rate: Fraction, rel_pts, codec: str, crf, keyint, preset, warnings) -> WriteResult:
     import av
 
     try:
@@ -547,10 +614,9 @@ def _write_av(p: Path, fmt: str, arr: np.ndarray, rate: Fraction, rel_pts, codec
     formats = [f.name for f in (enc.video_formats or [])]
     pix_fmt = "yuv420p" if (not formats or "yuv420p" in formats) else formats[0]
 
-    n, h, w, _ = arr.shape
+    n, h, w, _ = arr.shape  # n is -1 for a stream: counted while encoding
     if pix_fmt in _SUBSAMPLED_PIX_FMTS and (h % 2 or w % 2):
         h2, w2 = h + h % 2, w + w % 2
-        arr = np.pad(arr, ((0, 0), (0, h2 - h), (0, w2 - w), (0, 0)), mode="edge")
         warnings.append(f"{p.name}: padded {w}x{h} frames to {w2}x{h2} by repeating the last row/column ({pix_fmt} needs even sizes)")
         h, w = h2, w2
 
@@ -562,9 +628,7 @@ def _write_av(p: Path, fmt: str, arr: np.ndarray, rate: Fraction, rel_pts, codec
         # timescale that is a multiple of fps's numerator, matroska 1/1000) but the declared
         # rate stays the exact fraction.
         time_base = 1 / rate
-        ticks = np.arange(n, dtype=np.int64)
-        durations = np.ones(n, dtype=np.int64)
-        duration = float(n / rate)
+        ticks = durations = None  # frame k: pts k, duration 1
     else:
         time_base = VFR_TIME_BASE
         ticks = np.rint(rel_pts / float(time_base)).astype(np.int64)
@@ -595,20 +659,24 @@ def _write_av(p: Path, fmt: str, arr: np.ndarray, rate: Fraction, rel_pts, codec
                 cc.time_base = time_base
                 cc.gop_size = int(keyint)
                 s.options = codec_options
-                for k in range(n):
-                    frame = av.VideoFrame.from_ndarray(arr[k], format="rgb24")
-                    frame.pts = int(ticks[k])
+                count = 0
+                for k, image in enumerate(arr):
+                    frame = av.VideoFrame.from_ndarray(_pad_even(image, h, w), format="rgb24")
+                    frame.pts = k if ticks is None else int(ticks[k])
                     frame.time_base = time_base
                     # The encoder copies this to the packet: it is the last sample's duration
                     # in mp4, so the file's duration is T/fps and not (T-1)/fps.
-                    frame.duration = int(durations[k])
+                    frame.duration = 1 if durations is None else int(durations[k])
                     for packet in s.encode(frame):
                         c.mux(packet)
+                    count += 1
                 for packet in s.encode():
                     c.mux(packet)
         except (av.error.FFmpegError, ValueError) as e:
             raise EqmError(f"cannot write {p}: {codec} encoding failed: {error_text(e)}") from None
-    return WriteResult(path=p, fps=rate, num_frames=n, duration=duration, warnings=warnings)
+    if ticks is None:
+        duration = float(count / rate)
+    return WriteResult(path=p, fps=rate, num_frames=count, duration=duration, warnings=warnings)
 
 
 def _gif_edges(n: int, rate: Fraction, rel_pts) -> list[int]:

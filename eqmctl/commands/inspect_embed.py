@@ -55,6 +55,7 @@ def inspect_embed(
 
         from eqm.errors import EqmError
         from eqm.inspect import EmbedView, inspect_embedding, view_from_checkpoint, view_from_recipe, write_plots
+        from eqm.jsonio import dumps
         from eqm.timebase import parse_fps
 
         # Cheap checks first: a typo in --rates should not wait for a checkpoint to be read.
