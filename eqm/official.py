@@ -2,7 +2,7 @@
 checkpoints and run directories, and bare safetensors files.
 
 An official checkpoint is a ``torch.save`` of ``{"model", "ema", "opt", "args"}``: two state dicts
-with our parameter names (eqm.model's docstring lists them), the optimizer state, and the
+with our parameter names (docs/design.md#parameter-names lists them), the optimizer state, and the
 training script's ``argparse.Namespace`` (``model="EqM-XL/2"``, ``image_size=256``, ``ebm``,
 ``uncond``, ...).  Some released files are a bare state dict.  Loading one is a pickle, so it is
 done with ``torch.load(weights_only=True)``, with ``argparse.Namespace`` the only class allowed
