@@ -520,3 +520,14 @@ def test_retime_speed_streams_frame_by_frame(tmp_path, monkeypatch):
     assert back.frames.shape[0] == 30 and back.fps == 48
     red = back.frames[:, :, :, 0].astype(int).mean(axis=(1, 2))
     assert np.all(np.diff(red) > 0)  # every frame, in order (the codec is lossy: levels within a few steps)
+
+
+def test_retime_model_mode_names_a_broken_checkpoint(tmp_path):
+    ck = save_ckpt(tmp_path / "run", tiny_model())
+    poison(ck, lambda k, v: v.clone().fill_(3e38) if "adaLN" in k or "final_layer" in k else v)
+    src = tiny_video(tmp_path / "in.mp4", frames=6)
+    code, _, err = run(["retime", src, "--fps", 24, "--mode", "model", "--ckpt", ck, "--steps", 2,
+                        "--out", tmp_path / "out.mp4"])
+    assert code == 1
+    one_line_error(err, f"checkpoint {ck}", "not finite")
+    assert not (tmp_path / "out.mp4").exists()

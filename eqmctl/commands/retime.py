@@ -84,6 +84,7 @@ def retime(
             task = bar.add_task("windows", total=None)
             progress_cb = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
 
+        from eqm.errors import NonFiniteError
         from eqm.retime import retime_video
 
         try:
@@ -91,6 +92,8 @@ def retime(
                 bar.start()
             res = retime_video(input, out, rate, mode, blend=blend and mode == "resample", model=model, crf=crf,
                                progress=progress_cb, **kwargs)
+        except NonFiniteError as e:  # the model is what broke: name its checkpoint
+            raise NonFiniteError(f"checkpoint {state.get('checkpoint')}: {e}") from None
         finally:
             if bar is not None:
                 bar.stop()
@@ -124,7 +127,7 @@ def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, wi
         raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
 
-    path = resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt, warn=warn)  # a damaged newest checkpoint of a run: the one before
     model, state = load_model(path, use_ema=ema, device=dev)
     if ema and not str(state["weights"]).endswith("ema.safetensors"):
         warn(f"{path} has no EMA weights; using the raw weights")
