@@ -3,9 +3,9 @@
 Read top to bottom: embedders, attention with optional 3D RoPE, the adaLN-Zero block, the final
 layer and the model, built from an :class:`eqm.config.EqMConfig`.  For 4D input it is the official
 EqM/SiT image model, parameter names and shapes included, so an official checkpoint loads with
-``strict=True``; video input reuses the same modules.  The model is not told gamma (its timestep embedder is fed 0), and
-explicit-energy models return grad_x E (attention then runs on the math SDPA backend, the only one
-with double backward).  The key table and the video-mode rules: docs/design.md#model.
+``strict=True``; video input reuses the same modules.  The model is not told gamma (its
+timestep embedder is fed 0), and explicit-energy models return grad_x E (attention then runs on
+the math SDPA backend, the only one with double backward).  The key table and the video-mode rules: docs/design.md#model.
 """
 
 from __future__ import annotations
