@@ -620,26 +620,29 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     return recipe
 
 
-def check_memory(recipe: Recipe, device=None, where: Optional[str] = None) -> None:
+def check_memory(recipe: Recipe, device=None, where: Optional[str] = None, shape: Optional[tuple] = None) -> None:
     """One training batch and one preview batch of ``recipe`` must fit on ``device`` (eqm.budget:
     refused with the estimate). Training calls it before it builds anything; the weights alone are
-    checked by EqMConfig itself. In latent space the token count is the latents' (checked when the
-    model is built from them), so only pixel recipes are estimated here."""
+    checked by EqMConfig itself. In latent space the token count is the latents': pass their
+    ``shape`` (C, T, H, W) once known (eqm.latent.model_input_shape); without it only pixel
+    recipes are estimated."""
     from . import budget
 
     d, t = recipe.data, recipe.train
-    if recipe.vae.path is not None or d.source == "latents":
+    if shape is None and (recipe.vae.path is not None or d.source == "latents"):
         return
     where = where or f"recipe {recipe.name}"
-    cfg = recipe.model_config(num_classes=recipe.model.num_classes or 0)
+    cfg = recipe.model_config(num_classes=recipe.model.num_classes or 0, shape=shape)
     grid = cfg.grid[0] * cfg.grid[1]
     params = budget.model_params(hidden_size=cfg.hidden_size, depth=cfg.depth, mlp_ratio=cfg.mlp_ratio,
                                  in_channels=cfg.in_channels, patch_size=cfg.patch_size,
                                  temporal_patch=cfg.temporal_patch, num_classes=cfg.num_classes, grid_tokens=grid)
-    budget.check_activations(where, batch=t.batch_size, tokens=d.num_frames // cfg.temporal_patch * grid,
+    frames = cfg.num_frames  # the model's frames: pixel frames, or latent frames in latent space
+    preview = -(-(t.preview_frames or d.num_frames) * frames // d.num_frames)  # as many per source frame
+    budget.check_activations(where, batch=t.batch_size, tokens=frames // cfg.temporal_patch * grid,
                              hidden_size=cfg.hidden_size, depth=cfg.depth, params=params, training=True, device=device)
     budget.check_activations(f"{where}: train.preview_samples", batch=2 * t.preview_samples,
-                             tokens=(t.preview_frames or d.num_frames) // cfg.temporal_patch * grid,
+                             tokens=max(1, preview // cfg.temporal_patch) * grid,
                              hidden_size=cfg.hidden_size, depth=cfg.depth, params=params, device=device)
 
 

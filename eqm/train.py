@@ -360,6 +360,8 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset)
     shape = model_input_shape(recipe, space, dataset)
+    if space is not None:
+        check_memory(recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu"), shape=shape)
     model = build_model(recipe, num_classes, shape=shape)
     init_report = apply_init_from(model, recipe)
     if init_report is not None and warn is not None:
@@ -757,6 +759,8 @@ def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], N
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset, accelerator.device)
     shape = model_input_shape(recipe, space, dataset)
+    if space is not None:
+        check_memory(recipe, accelerator.device, shape=shape)  # the latents' token count is known now
     if space is not None and recipe.train.preview_every:  # load it now: a missing VAE fails before training
         space.vae(None if recipe.data.source != "latents" else recipe.vae.path, accelerator.device)
     state = ckpt_io.load_state(plan.resume_ckpt) if plan.resume_ckpt is not None else None

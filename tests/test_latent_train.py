@@ -66,6 +66,9 @@ def test_a_recipe_with_another_vae_than_the_cache_is_refused(cache, vaes):
     assert res.exit_code == 2 and "holds AutoencoderKLWan" in res.output and "use that VAE or re-cache" in res.output
     res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=latents", f"data.latents={cache.parent}/none"])
     assert res.exit_code == 2 and "latent cache not found" in res.output
+    res = runner.invoke(app, ["train", str(TINY), *FAST, "data.source=latents", f"data.latents={cache}",
+                              "train.batch_size=100000000", "--validate"])  # memory estimated on the latents' tokens
+    assert res.exit_code == 2 and "100000000 clip(s) of 20 tokens at once needs about" in res.output
 
 
 def test_on_the_fly_encoding_through_a_video_vae(vaes, tmp_path):
