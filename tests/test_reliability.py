@@ -531,3 +531,23 @@ def test_retime_model_mode_names_a_broken_checkpoint(tmp_path):
     assert code == 1
     one_line_error(err, f"checkpoint {ck}", "not finite")
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_probe_lists_each_video_once_under_its_real_folder(tmp_path):
+    from eqm.video.probe import collect_videos
+
+    root = tmp_path / "data"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        tiny_video(root / cls / f"{cls}0.mp4")
+    (root / "cats" / "more").symlink_to(root / "dogs", target_is_directory=True)  # sorts before dogs
+    (root / "cats" / "again.mp4").symlink_to(root / "dogs" / "dogs0.mp4")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    tiny_video(extra / "x.mp4")
+    (root / "linked").symlink_to(extra, target_is_directory=True)  # a folder only reachable by a link
+    files = collect_videos([root])
+    assert sorted(str(f.relative_to(root)) for f in files) == ["cats/cats0.mp4", "dogs/dogs0.mp4", "linked/x.mp4"]
+    mp = tmp_path / "m.jsonl"
+    assert run(["probe-fps", "--manifest", mp, root])[0] == 0
+    assert sorted(r.label for r in read_manifest(mp)) == ["cats", "dogs", "linked"]

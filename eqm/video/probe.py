@@ -132,15 +132,19 @@ def _is_hidden(name: str) -> bool:
 def collect_videos(paths: Iterable[str | os.PathLike], *, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list[Path]:
     """Expand files and folders into the list of files to probe.
 
-    Folders are walked recursively (following symlinks, each real folder once), keeping files
-    whose extension is in `extensions` and skipping hidden files and folders; the files of a
-    folder come out sorted. A file given directly is always kept, whatever its extension, so that
-    a non-video named on the command line gets the status "not-video" instead of vanishing.
-    Duplicates are dropped. Raises EqmError (exit code 2) for a path that does not exist.
+    Folders are walked recursively, keeping files whose extension is in `extensions` and skipping
+    hidden files and folders; the files of a folder come out sorted. Symlinked folders are
+    followed after the real ones, each real folder once, so a file with a real folder in the tree
+    is listed (and labelled) there, not under a link into it; a file reached a second time (a
+    symlink or hard link to one already found, plain files first) is listed once. A file given
+    directly is always kept, whatever its extension, so that a non-video named on the command
+    line gets the status "not-video" instead of vanishing. Raises EqmError (exit code 2) for a
+    path that does not exist.
     """
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     out: list[Path] = []
     seen: set[str] = set()
+    inodes: set[tuple[int, int]] = set()
 
     def add(p: Path) -> None:
         key = os.path.abspath(p)
@@ -151,27 +155,57 @@ def collect_videos(paths: Iterable[str | os.PathLike], *, extensions: Iterable[s
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            visited: set[tuple[int, int]] = set()
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                try:
-                    st = os.stat(dirpath)
-                    key = (st.st_dev, st.st_ino)
-                except OSError:
-                    key = None
-                if key is not None and key in visited:  # a symlink loop or a folder seen twice
-                    dirnames[:] = []
-                    continue
-                if key is not None:
-                    visited.add(key)
-                dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-                for name in sorted(filenames):
-                    if not _is_hidden(name) and os.path.splitext(name)[1].lower() in exts:
-                        add(Path(dirpath) / name)
+            for f in _unique_files(_walk_videos(p, exts), inodes):
+                add(f)
         elif p.exists() or p.is_symlink():
             add(p)
         else:
             raise EqmError(f"no such file or folder: {raw}")
     return out
+
+
+def _walk_videos(root: Path, exts: set[str]) -> list[Path]:
+    """Video files under ``root``: its real folders first, then folders reached only through
+    symlinks (each real folder once: loops and second routes are cut)."""
+    visited: set[tuple[int, int]] = set()
+    files: list[Path] = []
+    links: list[Path] = []
+    tops = [root]
+    while tops:
+        for dirpath, dirnames, filenames in os.walk(tops.pop(0)):  # followlinks=False: links queue up
+            try:
+                st = os.stat(dirpath)
+                key = (st.st_dev, st.st_ino)
+            except OSError:
+                key = None
+            if key is not None and key in visited:
+                dirnames[:] = []
+                continue
+            if key is not None:
+                visited.add(key)
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            links.extend(Path(dirpath) / d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+            files.extend(Path(dirpath) / n for n in sorted(filenames)
+                         if not _is_hidden(n) and os.path.splitext(n)[1].lower() in exts)
+        if not tops:
+            tops, links = links, []
+    return files
+
+
+def _unique_files(files: list[Path], inodes: set[tuple[int, int]]) -> list[Path]:
+    """``files`` without a second route to the same file (by inode; plain files win over symlinks),
+    in their order; ``inodes`` collects what was kept (shared across the folders named)."""
+    keep: set[int] = set()
+    for i in sorted(range(len(files)), key=lambda i: files[i].is_symlink()):
+        try:
+            st = os.stat(files[i])
+        except OSError:  # a dangling link: kept, the probe reports it as missing
+            keep.add(i)
+            continue
+        if (st.st_dev, st.st_ino) not in inodes:
+            inodes.add((st.st_dev, st.st_ino))
+            keep.add(i)
+    return [f for i, f in enumerate(files) if i in keep]
 
 
 # ------------------------------------------------------------------------------------------------
