@@ -14,9 +14,12 @@ from typing import Optional
 
 from .errors import EqmError
 
-#: Most tokens (frames x patches per frame) in one clip: attention work grows with the square,
-#: 65536 tokens is ~4e9 query-key pairs per layer and sample, far beyond any model this tool trains.
+#: Most tokens (frames x patches per frame) in one clip: attention work grows with the square.
+#: On a GPU 65536 tokens (~4e9 query-key pairs per layer and sample) is 8x the largest shipped
+#: recipe's clip (8192); a CPU gets a quarter of that, 16x less attention work, since a cap that
+#: leaves hours of work per sampler step bounds nothing.
 MAX_TOKENS = 65536
+MAX_TOKENS_CPU = 16384
 
 _FLOAT = 4  # bytes per float32 value
 
@@ -32,7 +35,7 @@ def format_bytes(n: float) -> str:
 
 def machine_memory(device: Optional[object] = None) -> int:
     """Bytes of memory the computation can use: the GPU's for a CUDA device, else the machine's RAM."""
-    if device is not None and getattr(device, "type", str(device)).startswith("cuda"):
+    if _is_cuda(device):
         import torch
 
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -65,10 +68,15 @@ def check_model(where: str, *, device=None, **arch) -> int:
     return n
 
 
-def check_tokens(tokens: int, where: str) -> None:
-    """EqmError when one clip has more than MAX_TOKENS tokens (attention work grows with the square)."""
-    if tokens > MAX_TOKENS:
-        raise EqmError(f"{where}: {tokens} tokens per clip, more than the {MAX_TOKENS} attention can handle "
+def _is_cuda(device) -> bool:
+    return device is not None and getattr(device, "type", str(device)).startswith("cuda")
+
+
+def check_tokens(tokens: int, where: str, device=None) -> None:
+    """EqmError when one clip has more tokens than MAX_TOKENS (MAX_TOKENS_CPU off a CUDA device)."""
+    cap = MAX_TOKENS if _is_cuda(device) else MAX_TOKENS_CPU
+    if tokens > cap:
+        raise EqmError(f"{where}: {tokens} tokens per clip, more than the {cap} attention can handle "
                        "(tokens = frames / temporal_patch x (height / patch_size) x (width / patch_size)); "
                        "use fewer frames, smaller frames or a larger patch")
 
@@ -81,7 +89,7 @@ def check_activations(where: str, *, batch: int, tokens: int, hidden_size: int, 
     keeps at least that of every block for the backward pass (2 bytes a value, as under mixed
     precision), plus float32 weights, gradients, two Adam moments and the EMA (5 copies).
     """
-    check_tokens(tokens, where)
+    check_tokens(tokens, where, device)
     values = int(batch) * int(tokens) * 4 * int(hidden_size)
     need = values * (2 * int(depth) if training else _FLOAT) + params * _FLOAT * (5 if training else 1)
     have = machine_memory(device)

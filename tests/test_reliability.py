@@ -273,7 +273,7 @@ def test_sample_request_checked_before_sampling(tmp_path):
 
 def test_sample_with_too_many_tokens_is_refused(tmp_path):
     """`sample --frames 4096` is within the frame cap, but with 64 tokens a frame it is 262144 tokens
-    of attention: refused at once (eqm.budget.MAX_TOKENS) instead of not finishing a step."""
+    of attention: refused at once (eqm.budget.MAX_TOKENS_CPU on a CPU) instead of not finishing a step."""
     from eqm import budget
     from eqm.generate import generate
 
@@ -282,10 +282,10 @@ def test_sample_with_too_many_tokens_is_refused(tmp_path):
     ck = save_ckpt(tmp_path / "run", model)
     code, _, err = run(["sample", "--fps", 12, "--ckpt", ck, "--out", tmp_path / "o", "--frames", 4096, "-N", 1])
     assert code == 2
-    one_line_error(err, "262144 tokens per clip", str(budget.MAX_TOKENS))
+    one_line_error(err, "262144 tokens per clip", str(budget.MAX_TOKENS_CPU))
     assert not (tmp_path / "o").exists()
     with pytest.raises(EqmError, match="tokens per clip"):
-        generate(model, fps=12, num_frames=budget.MAX_TOKENS // 64 + 1, num_samples=1, steps=1)
+        generate(model, fps=12, num_frames=budget.MAX_TOKENS_CPU // 64 + 1, num_samples=1, steps=1)
 
 
 @pytest.mark.parametrize("change, message", [
