@@ -113,3 +113,30 @@ def test_error_definitions():
     assert velocity_error((-10.0, 0.0), (10.0, 0.0)) == pytest.approx(2.0)
     with pytest.raises(EqmError):
         relative_speed_error((1.0, 0.0), (0.0, 0.0))
+
+
+def test_frame_shapes_counts_connected_shapes_and_their_area():
+    from eqm.data.speed import coherent_frames, frame_shapes
+
+    motion = SyntheticMotion(4, 16, 16, max_duration=1.0)
+    t = np.arange(12) / 12.0
+    clips = motion.render_batch([0, 1, 2, 3], t, [motion.random_start(k, 0, duration=1.0) for k in range(4)])
+    count, largest = frame_shapes(clips)
+    assert count.shape == (4, 12) and bool((count == 1).all())
+    area = math.pi * motion.radius ** 2
+    assert bool(((largest - area).abs() <= 2).all())  # the anti-aliased disc: pi r^2 to a pixel or two
+    assert bool(coherent_frames(clips, area).all())
+
+    frames = torch.full((1, 3, 16, 16), -1.0)  # (B, T, H, W): empty / two blobs / a diagonal line / scattered
+    frames[0, 1, 2:4, 2:4] = 1.0
+    frames[0, 1, 10:13, 10:13] = 1.0
+    frames[0, 2, range(8), range(8)] = 1.0  # diagonal neighbours are one 8-connected shape
+    count, largest = frame_shapes(frames)
+    assert count.tolist() == [[0, 2, 1]] and largest.tolist() == [[0, 9, 8]]
+    speckle = torch.full((1, 1, 16, 16), -1.0)
+    speckle[0, 0, ::3, ::3] = 1.0
+    assert frame_shapes(speckle)[0].item() == 36
+    assert not coherent_frames(speckle, area).any()
+    big = torch.full((1, 1, 16, 16), -1.0)
+    big[0, 0, 2:10, 2:10] = 1.0  # one shape, 64 pixels: not a disc of radius 2
+    assert not coherent_frames(big, area).any()

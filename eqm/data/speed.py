@@ -127,6 +127,50 @@ def estimate_velocity(video, timestamps, *, rel_threshold: float = DEFAULT_REL_T
     return float(vel[0]), float(vel[1])
 
 
+#: Pixel value (in [-1, 1]) above which a pixel belongs to a shape: halfway between the synthetic
+#: source's background (-1) and disc (+1).
+SHAPE_LEVEL = 0.0
+
+
+def frame_shapes(videos, *, level: float = SHAPE_LEVEL):
+    """Connected shapes in every frame: (count, largest) long tensors of shape (B, T).
+
+    videos: (B, C, T, H, W) or (B, T, H, W) in [-1, 1] (channels averaged).  A pixel is "on" when
+    its value exceeds ``level``; shapes are the 8-connected groups of on pixels (found by
+    propagating the largest pixel index through each group), ``count`` how many a frame holds and
+    ``largest`` the pixel area of the biggest (0 for an empty frame).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    v = _as_tensor(videos, torch.float32)
+    if v.dim() == 5:
+        v = v.mean(dim=1)
+    if v.dim() != 4:
+        raise EqmError(f"videos must have shape (B, C, T, H, W) or (B, T, H, W), got {tuple(v.shape)}")
+    B, T, H, W = v.shape
+    on = (v > level).reshape(B * T, 1, H, W)
+    index = torch.arange(1, H * W + 1, dtype=torch.float32).reshape(1, 1, H, W)
+    labels = torch.where(on, index, torch.zeros(()))
+    for _ in range(H * W):  # each pass spreads a group's largest index one pixel further
+        spread = torch.where(on, F.max_pool2d(labels, 3, stride=1, padding=1), torch.zeros(()))
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    flat = labels.reshape(B * T, H * W).long()
+    count = ((flat == index.reshape(1, -1).long()) & on.reshape(B * T, -1)).sum(dim=1)
+    areas = torch.zeros(B * T, H * W + 1, dtype=torch.long).scatter_add_(1, flat, torch.ones_like(flat))
+    largest = areas[:, 1:].max(dim=1).values
+    return count.reshape(B, T), largest.reshape(B, T)
+
+
+def coherent_frames(videos, area: float, *, tolerance: float = 0.5, level: float = SHAPE_LEVEL):
+    """(B, T) bool: the frame holds exactly ONE shape whose area is within ``tolerance`` (relative)
+    of ``area`` pixels (e.g. the synthetic disc's pi * r^2) -- what a person sees as "one disc"."""
+    count, largest = frame_shapes(videos, level=level)
+    return (count == 1) & ((largest.double() - area).abs() <= tolerance * area)
+
+
 Vec = Union[Sequence[float], np.ndarray]
 
 
@@ -165,6 +209,8 @@ def velocity_error(est: Vec, true: Vec) -> float:
 
 
 __all__ = [
+    "frame_shapes",
+    "coherent_frames",
     "track_centroids",
     "estimate_velocity",
     "estimate_velocities",
