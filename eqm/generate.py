@@ -294,6 +294,8 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
 
 
 def _autocast(device: torch.device, dtype: Optional[str]):
+    """The model's autocast: bf16 on CUDA or the CPU (AVX-512 BF16 / AMX CPUs run it natively),
+    fp16 on CUDA only; the weights stay float32."""
     import contextlib
 
     if dtype in (None, "fp32", "float32", "no"):
@@ -301,9 +303,9 @@ def _autocast(device: torch.device, dtype: Optional[str]):
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
         raise EqmError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
-    if device.type != "cuda":
-        raise EqmError(f"--dtype {dtype} needs a CUDA device (running on {device.type})")
-    return torch.autocast(device_type="cuda", dtype=table[dtype])
+    if device.type != "cuda" and table[dtype] is torch.float16:
+        raise EqmError(f"--dtype {dtype} needs a CUDA device (running on {device.type}); use bf16 there")
+    return torch.autocast(device_type=device.type, dtype=table[dtype])
 
 
 def generate(
@@ -315,6 +317,7 @@ def generate(
     labels: Optional[torch.Tensor] = None,
     cfg_scale: float = 1.0,
     guidance_channels: Optional[int] = None,
+    cfg_every: int = 1,
     method: str = "gd",
     steps: Optional[int] = None,
     step_size: Optional[float] = None,
@@ -330,7 +333,8 @@ def generate(
 
     Batches of ``batch_size`` (default: all at once) go through :func:`eqm.sampler.sample`;
     ``progress(n)`` is called with the number of samples finished after each batch.
-    ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast.  guidance_channels: see eqm.sampler.sample.
+    ``dtype`` "bf16" runs the model under autocast (CUDA or CPU), "fp16" under CUDA autocast.
+    guidance_channels, cfg_every: see eqm.sampler.sample.
     vae (an eqm.vae.Vae): a latent-space model; the latents of those frames are sampled at the
     latent timestamps of k / fps (eqm.vae.plan_latents) and decoded.
     """
@@ -364,7 +368,7 @@ def generate(
             res = sample(
                 model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y,
                 method=method, steps=steps, step_size=step_size, momentum=momentum,
-                cfg_scale=cfg_scale, guidance_channels=guidance_channels, tol=tol,
+                cfg_scale=cfg_scale, guidance_channels=guidance_channels, cfg_every=cfg_every, tol=tol,
             )
         x = res.x.float().cpu()
         if not torch.isfinite(x).all():
@@ -379,7 +383,8 @@ def generate(
         videos=torch.cat(outs), labels=labels, evals=torch.cat(evals), final_rms=torch.cat(rms),
         timestamps=plan.frame_timestamps, fps=fps,
         settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol,
-                      cfg_scale=cfg_scale, guidance_channels=guidance_channels, seed=seed),
+                      cfg_scale=cfg_scale, guidance_channels=guidance_channels, cfg_every=cfg_every, seed=seed,
+                      dtype=dtype or "fp32"),
         latent_timestamps=None if vae is None else ts,
     )
 

@@ -91,6 +91,19 @@ def test_adaptive_stop_reports_evaluations():
     assert full.evals.tolist() == [7, 7, 7]
 
 
+def test_bf16_autocast_on_the_cpu_stays_close_to_fp32():
+    m = make_model(num_classes=3)
+    y = torch.tensor([0, 1, 2])
+    kw = dict(fps=24, num_frames=4, num_samples=3, labels=y, cfg_scale=2.0, steps=6)
+    full = generate(m, **kw)
+    half = generate(m, dtype="bf16", **kw)
+    assert half.videos.dtype == torch.float32 and half.settings["dtype"] == "bf16"
+    assert 0 < (half.videos - full.videos).abs().max() < 0.1  # bf16 really ran, and agrees
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    with pytest.raises(EqmError, match="fp16 needs a CUDA device"):
+        generate(m, dtype="fp16", **kw)
+
+
 def test_frames_from_seconds_and_labels():
     assert resolve_num_frames(Fraction(60), seconds=1.0) == 60
     assert resolve_num_frames(Fraction(30000, 1001), seconds=2.0) == 60

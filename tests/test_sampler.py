@@ -95,6 +95,36 @@ def test_cfg_guides_all_channels_with_one_batched_pass():
         sample(model, x0, None, None, steps=1, cfg_scale=2.0)
 
 
+def test_cfg_every_reuses_the_last_guidance_term_with_one_pass():
+    model = field(C=2, K=2)
+    x0 = torch.randn(2, 2, 3, 2, 2)
+    y = torch.tensor([1, 0])
+    eta, s = 0.1, 2.5
+    out = sample(model, x0, None, y, method="gd", steps=5, step_size=eta, cfg_scale=s, cfg_every=2)
+    c = model.anchors[y].view(2, 2, 1, 1, 1)
+    u = model.anchors[-1].view(1, 2, 1, 1, 1)
+    x = x0.clone()
+    for k in range(5):
+        if k % 2 == 0:
+            guide = (c - x) - (u - x)  # f_c - f_u, measured on this step
+        x = x + eta * ((c - x) + (s - 1) * guide)
+    torch.testing.assert_close(out.x, x)
+    # the null-label pass runs on steps 0, 2 and 4 only: batches of 4, 2, 4, 2, 4
+    assert [n for n, _ in model.calls] == [4, 2, 4, 2, 4]
+    assert out.evals.tolist() == [5, 5]
+    with pytest.raises(EqmError, match="cfg_every"):
+        sample(model, x0, None, y, steps=1, cfg_scale=2.0, cfg_every=0)
+
+
+def test_cfg_every_one_is_the_full_guidance():
+    model = field(C=2, K=2)
+    x0 = torch.randn(3, 2, 2, 2, 2)
+    y = torch.tensor([1, 0, 1])
+    a = sample(model, x0, None, y, steps=4, step_size=0.1, cfg_scale=2.0).x
+    b = sample(model, x0, None, y, steps=4, step_size=0.1, cfg_scale=2.0, cfg_every=1).x
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["gd", "nag"])
 def test_clamped_frames_stay_exactly_at_their_data(method):
     model = field()

@@ -21,6 +21,7 @@ def sample(
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the checkpoint recipe's sample.cfg_scale; 1 for an official .pt)."),
     cfg_channels: Optional[int] = typer.Option(None, "--cfg-channels", help="Guide only the first N channels, the rest follow the conditional field: 3 reproduces the official EqM/DiT sampler exactly (default: all channels)."),
+    cfg_every: int = typer.Option(1, "--cfg-every", help="With guidance: run the null-label pass every N-th step and reuse its guidance term in between (N = 1: every step)."),
     sampler: str = typer.Option("gd", "--sampler", help="gd or nag (Nesterov-accelerated gradient descent)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler; the paper's 250 for an official .pt, whose sample_gd.py --num-sampling-steps N runs N - 1)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler; the paper's 0.003 GD / 0.0017 NAG for an official .pt)."),
@@ -36,7 +37,7 @@ def sample(
     upscale: int = typer.Option(1, "--upscale", help="Enlarge the written frames by this integer factor (nearest neighbour)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples generated together (default: all)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 autocast on CUDA."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32; bf16 autocast (CUDA or CPU); fp16 autocast (CUDA)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
     json_out: bool = typer.Option(False, "--json", help="Print the written samples as JSON on stdout."),
 ) -> None:
@@ -110,7 +111,7 @@ def sample(
             if bar is not None:
                 bar.start()
             gen = generate(
-                model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, cfg_scale=cfg_scale,
+                model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, cfg_scale=cfg_scale, cfg_every=cfg_every,
                 method=sampler, steps=steps, step_size=step_size, momentum=momentum, tol=tol or None,
                 guidance_channels=cfg_channels, seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
                 vae=decoder,
