@@ -43,7 +43,7 @@ def train(
     Exit status: 0 done; 1 the run failed (the loss or gradient norm diverged -- NaN/inf or far
     above its running level, see train.diverge_loss: the message names the last good checkpoint,
     later ones are moved to checkpoints/abandoned-*); 2 bad input (recipe key, type or value;
-    missing files; the run directory is in use by another training).
+    missing files; the run directory is in use by another training); 3 an internal error (a bug).
     """
     with user_errors():
         from eqm.errors import EqmError
