@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 from . import fsio
-from .errors import EqmError, NonFiniteError
+from .errors import EqmError, NonFiniteError, brief
 from .jsonio import dumps
 
 if TYPE_CHECKING:
@@ -371,21 +371,15 @@ def check_state(state: Any, path: PathLike) -> None:
         raise EqmError(f"{path} is not an eqmctl checkpoint state (needs 'step' and 'arch')")
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise EqmError(f"{path}: 'step' must be an integer >= 0, got {_short(step)}")
+        raise EqmError(f"{path}: 'step' must be an integer >= 0, got {brief(step)}")
     for key in ("arch", "recipe"):
         if key in state and not isinstance(state[key], dict):
-            raise EqmError(f"{path}: {key!r} must be a mapping, got {_short(state[key])}")
+            raise EqmError(f"{path}: {key!r} must be a mapping, got {brief(state[key])}")
     names = state.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise EqmError(f"{path}: 'class_names' must be a list of strings, got {_short(names)}")
+        raise EqmError(f"{path}: 'class_names' must be a list of strings, got {brief(names)}")
     if "has_ema" in state and not isinstance(state["has_ema"], bool):
-        raise EqmError(f"{path}: 'has_ema' must be true or false, got {_short(state['has_ema'])}")
-
-
-def _short(value: Any) -> str:
-    """A bounded JSON rendering of a value for a message."""
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+        raise EqmError(f"{path}: 'has_ema' must be true or false, got {brief(state['has_ema'])}")
 
 
 def load_weights(path: PathLike, device="cpu") -> dict:

@@ -4,6 +4,8 @@
 it without a traceback and exits with `exit_code` (2 for bad input, 1 for a failed run).
 """
 
+import reprlib
+
 
 class EqmError(Exception):
     """An error caused by the user's input or environment, shown as one line."""
@@ -21,3 +23,15 @@ class NonFiniteError(EqmError):
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message, exit_code)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 2, 50, 50
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 4
+
+
+def brief(value) -> str:
+    """repr bounded in size and depth, for a message about a value read from a file (which can be
+    any size: a message must never format a whole expanded structure)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -33,7 +33,6 @@ import dataclasses
 import difflib
 import math
 import re
-import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import EqmError
+from .errors import EqmError, brief
 
 if typing.TYPE_CHECKING:
     from .config import ConfigError, EqMConfig
@@ -349,19 +348,8 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 50, 50
-_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 4
-
-
-def _short(value: Any) -> str:
-    """repr bounded in size and depth (a value from a file can be any size)."""
-    text = _SHORT_REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _show(value: Any) -> str:
-    return f"{_short(value)} ({type(value).__name__})"
+    return f"{brief(value)} ({type(value).__name__})"
 
 
 class _Mismatch(Exception):
@@ -451,7 +439,7 @@ def _build(cls, data: Any, prefix: str, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if not isinstance(k, str) or k not in names:
-            raise _unknown_key(prefix + (k if isinstance(k, str) else _short(k))[:80], where)
+            raise _unknown_key(prefix + (k if isinstance(k, str) else brief(k))[:80], where)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -487,7 +475,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     except _YamlLimit as e:
         raise EqmError(f"override '{key}=...': refused: the value {e}") from None
     except yaml.YAMLError:
-        raise EqmError(f"override '{_short(text)}': the value is not a YAML scalar") from None
+        raise EqmError(f"override '{brief(text)}': the value is not a YAML scalar") from None
     return key, value
 
 
@@ -531,7 +519,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     """Check impossible values and cross-field constraints; raise EqmError naming the dotted key."""
 
     def bad(key: str, msg: str) -> EqmError:
-        return EqmError(f"{where}: {key} {msg}, got {_short(recipe.get(key))}")
+        return EqmError(f"{where}: {key} {msg}, got {brief(recipe.get(key))}")
 
     def need(cond: bool, key: str, msg: str):
         if not cond:
