@@ -28,7 +28,6 @@ The test suite runs a miniature of this pipeline (tests/test_calibration.py) as 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -329,7 +328,9 @@ def main(argv=None) -> int:
         "speeds_px_per_s": [motion.speed(k) for k in range(motion.num_classes)],
         "train_seconds": timings, "results": results, "worst_median_error": worst,
     }
-    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from eqm.jsonio import dumps
+
+    (args.out / "results.json").write_text(dumps(doc, indent=2) + "\n")
     (args.out / "table.md").write_text(markdown_table(results, rates, cols, (base.data.fps_min, base.data.fps_max)))
     plot({k: v for k, v in results.items()}, rates, (base.data.fps_min, base.data.fps_max), args.out / "calibration.png")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'calibration.png'}")

@@ -31,6 +31,7 @@ import torch
 
 from . import fsio
 from .errors import EqmError
+from .jsonio import dumps
 from .recipe import Recipe
 from .vae import Vae, VaeIdentity, load_vae, num_decoded_frames
 
@@ -314,7 +315,7 @@ def _finish(out: Path, num_shards: int) -> tuple[int, int, int]:
         for k in stats:
             stats[k] += part["stats"][k]
     entries.sort(key=lambda e: e["clip"])
-    fsio.write_bytes(out / INDEX_FILE, "".join(json.dumps(e) + "\n" for e in entries).encode())
+    fsio.write_bytes(out / INDEX_FILE, "".join(dumps(e) + "\n" for e in entries).encode())
     desc = json.loads((out / CACHE_FILE).read_text())
     n = max(stats["n"], 1)
     spread = max(stats["mean_sq_sum"] / n - (stats["mean_sum"] / n) ** 2, 0.0) ** 0.5

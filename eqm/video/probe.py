@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from eqm import fsio
 from eqm.errors import EqmError
+from eqm.jsonio import dumps
 from eqm.video.av_util import error_text, header_rates, not_video_reason, open_input, video_streams
 from eqm.timebase import format_fps, is_variable_rate, mean_rate
 
@@ -740,7 +741,7 @@ def write_manifest(results: Iterable[ProbeResult], path: str | os.PathLike, *, f
             d["path"] = ap.relative_to(folder).as_posix()
         except ValueError:
             d["path"] = str(ap)
-        lines.append(json.dumps(d, separators=(",", ":"), allow_nan=False))
+        lines.append(dumps(d, separators=(",", ":")))
     try:
         return fsio.write_text(out, "\n".join(lines) + ("\n" if lines else ""))
     except OSError as e:
