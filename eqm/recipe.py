@@ -210,7 +210,8 @@ class TrainConfig:
         "clips meet no unseen positions at sampling; sampling is never shifted; 0 = off",
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = _f(
-        "no", "autocast precision on GPU (weights, optimizer and EMA stay float32); ignored with a warning on CPU"
+        "no", "autocast precision (weights, optimizer and EMA stay float32): bf16 on GPU or CPU, fp16 on GPU only "
+        "(ignored with a warning on CPU)"
     )
     seed: int = _f(0, "global seed: model init, data order and noise are deterministic functions of (seed, step, rank)")
     log_every: int = _f(10, "write a metrics.jsonl line / log line every N steps")

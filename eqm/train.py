@@ -577,8 +577,8 @@ def _build_accelerator(recipe: Recipe, run_dir: Optional[Path], warn: Callable[[
 
     cuda = torch.cuda.is_available()
     mp = recipe.train.mixed_precision
-    if mp != "no" and not cuda:
-        warn(f"train.mixed_precision={mp} needs a GPU; training in float32 on the CPU")
+    if mp == "fp16" and not cuda:  # bf16 autocast runs on the CPU (AVX-512 BF16 / AMX run it natively)
+        warn(f"train.mixed_precision={mp} needs a GPU; training in float32 on the CPU (bf16 works there)")
         mp = "no"
     log_with = check_tracker(recipe.tracking.backend)
     kwargs: dict[str, Any] = {}

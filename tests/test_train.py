@@ -520,3 +520,25 @@ def test_trains_on_real_files_from_a_folder_and_a_probe_manifest(tmp_path):
         state = json.loads((C.latest_checkpoint(run) / "state.json").read_text())
         assert state["step"] == 2 and state["arch"]["num_classes"] == 2
         assert state["class_names"] == SyntheticMotion(num_classes=2).class_names
+
+
+def test_bf16_mixed_precision_runs_under_cpu_autocast_with_float32_weights(tmp_path):
+    from eqm import model as M
+
+    seen = []
+    real = M.Mlp.forward
+
+    def spy(self, x):
+        seen.append(x.dtype)
+        return real(self, x)
+
+    M.Mlp.forward = spy
+    try:
+        res = train(recipe("train.steps=2", "train.mixed_precision=bf16"), tmp_path / "run", log=quiet)
+    finally:
+        M.Mlp.forward = real
+    assert res.step == 2 and torch.bfloat16 in seen  # the blocks ran in bf16
+    weights = C.load_weights(res.last_checkpoint / C.MODEL_FILE, "cpu")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    opt = C.load_training_state(res.last_checkpoint)["optimizer"]["state"]
+    assert {v["exp_avg"].dtype for v in opt.values()} == {torch.float32}
