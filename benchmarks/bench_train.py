@@ -16,12 +16,17 @@ What is compared (one training step = EqM loss forward, backward, AdamW step, sa
    per-frame patch embedding, 3D unpatchify) rather than of longer sequences.
 4. ``ours video rope``: the same with 3D RoPE instead of additive sin/cos.
 
+5. ``official`` (with ``--official-models PATH``): the official EqM ``models.py`` (the file of the
+   EqM repository, which imports timm), loaded from that path and never copied here; its ``EqM``
+   class built at the same configuration, fed timestep 0 (its own sampler does the same).
+
 Printed: samples/s of each (median of ``--repeats`` timed blocks after warm-up) and the ratios
 ours-image / reference, ours-video / ours-image, ours-video / reference.  CPU by default and
 small (a few tens of seconds on 2 cores); ``--device cuda`` for a GPU.  Numbers on a shared CPU
 are noisy: compare ratios from one invocation, not across machines.
 
     python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --official-models ~/src/EqM/models.py     # + the official model
     python benchmarks/bench_train.py --hidden 384 --depth 12 --heads 6 --size 32 --batch 32 --device cuda
 """
 
@@ -61,6 +66,44 @@ def reference_model(args):
         num_embeds_ada_norm=args.classes, norm_type="ada_norm_zero",
     )
     return _ReferenceDiT(dit)
+
+
+class _Official(torch.nn.Module):
+    """The official EqM model behind our call signature: timestep 0, labels, learn_sigma's second half dropped."""
+
+    def __init__(self, net, channels: int):
+        super().__init__()
+        self.net, self.channels = net, channels
+
+    def forward(self, x, timestamps=None, y=None, *, pos=None):
+        out = self.net(x, torch.zeros(x.shape[0], device=x.device), y)
+        out = out[0] if isinstance(out, tuple) else out
+        return out[:, : self.channels]
+
+
+def official_model(path, args):
+    """The official ``EqM`` class from the models.py at ``path`` (imported by path), at our configuration."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SystemExit(f"error: --official-models {path}: no such file (the EqM repository's models.py)")
+    spec = importlib.util.spec_from_file_location("eqm_official_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # its own sibling imports
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise SystemExit(f"error: --official-models {path}: {e} (pip install timm)") from None
+    finally:
+        sys.path.remove(str(path.parent))
+    if not hasattr(module, "EqM"):
+        raise SystemExit(f"error: --official-models {path}: the file defines no EqM class")
+    net = module.EqM(input_size=args.size, patch_size=args.patch, in_channels=args.channels, hidden_size=args.hidden,
+                     depth=args.depth, num_heads=args.heads, num_classes=args.classes)
+    return _Official(net, args.channels)
 
 
 def ours(args, frames: int, size: int, pos: str = "sincos"):
@@ -118,6 +161,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--official-models", default=None, metavar="PATH",
+                    help="the official EqM repository's models.py, imported from there (needs timm)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     k = int(round(args.frames ** 0.5))
@@ -144,6 +189,12 @@ def main(argv=None):
         rows.append(("reference DiT (diffusers) image", n, throughput(ref, img, None, y, args)))
     else:
         print("note: diffusers is not installed; the reference column is skipped (pip install diffusers)")
+    official = None
+    if args.official_models:
+        torch.manual_seed(0)
+        model = official_model(args.official_models, args)
+        official = throughput(model, img, None, y, args)
+        rows.append(("official EqM (models.py) image", sum(p.numel() for p in model.parameters()), official))
     for name, model, x, t in (
         (f"ours image {args.size}x{args.size}", ours(args, 1, args.size), img, None),
         (f"ours video {args.frames}x{clip}x{clip} sincos", ours(args, args.frames, clip), vid, ts),
@@ -165,6 +216,9 @@ def main(argv=None):
         ref_sps = rows[0][2]
         print(f"  ours image / reference DiT         {img_sps / ref_sps:.3f}")
         print(f"  ours video / reference DiT         {vid_sps / ref_sps:.3f}   (equal tokens per sample)")
+    if official is not None:
+        print(f"  ours image / official EqM          {img_sps / official:.3f}")
+        print(f"  ours video / official EqM          {vid_sps / official:.3f}   (equal tokens per sample)")
     print(f"  ours video / ours image            {vid_sps / img_sps:.3f}   (equal tokens per sample)")
     print(f"  ours video rope / ours video sincos {rope_sps / vid_sps:.3f}")
 
