@@ -64,7 +64,7 @@ def load(ckpt):
     return model, recipe, motion, state
 
 
-def run(model, recipe, motion, rate, *, seconds: float, per_class: int, seed: int, sampler: dict):
+def run(model, recipe, motion, rate, *, seconds: float, per_class: int, seed: int, sampler: dict, frames=None):
     """Generate per_class clips of every class at `rate`; returns (Generation, seconds taken)."""
     import torch
 
@@ -72,7 +72,7 @@ def run(model, recipe, motion, rate, *, seconds: float, per_class: int, seed: in
 
     C = motion.num_classes
     labels = torch.arange(C * per_class) % C
-    frames = resolve_num_frames(rate, seconds=seconds)
+    frames = frames or resolve_num_frames(rate, seconds=seconds)
     t0 = time.perf_counter()
     gen = generate(model, fps=rate, num_frames=frames, num_samples=len(labels), labels=labels, seed=seed,
                    cfg_scale=recipe.sample.cfg_scale, method=recipe.sample.method, **sampler)
@@ -101,11 +101,12 @@ def score(gen, motion) -> dict:
 def quality(model, recipe, motion, rates, args) -> None:
     from eqm.timebase import format_fps
 
-    print(f"demo samples: {args.per_class} clips per class, {args.seconds:g} s each, sampler {args.sampler}")
+    length = f"{args.frames} frames" if args.frames else f"{args.seconds:g} s"
+    print(f"demo samples: {args.per_class} clips per class, {length} each, sampler {args.sampler}")
     print(f"{'fps':>6}  {'frames':>6}  {'coherent frames':>15}  {'coherent clips':>14}  {'speed error':>11}  {'ratio':>6}  {'time':>7}")
     for rate in rates:
         gen, secs = run(model, recipe, motion, rate, seconds=args.seconds, per_class=args.per_class,
-                        seed=args.seed, sampler=args.sampler)
+                        seed=args.seed, sampler=args.sampler, frames=args.frames)
         s = score(gen, motion)
         print(f"{format_fps(rate).split(' ')[0]:>6}  {gen.num_frames:>6}  {s['coherent_frames'] * 100:>14.1f}%  "
               f"{s['coherent_clips'] * 100:>13.1f}%  {s['speed_error'] * 100:>10.1f}%  {s['speed_ratio']:>5.2f}x  {secs:>6.1f}s",
@@ -128,12 +129,13 @@ def levers(model, recipe, motion, args) -> None:
     from fractions import Fraction
 
     per_class = max(1, args.lever_clips // motion.num_classes)
-    print(f"\nsampling levers: {per_class * motion.num_classes} clips, {args.seconds:g} s at 60 fps, side by side")
+    length = f"{args.frames} frames" if args.frames else f"{args.seconds:g} s"
+    print(f"\nsampling levers: {per_class * motion.num_classes} clips, {length} at 60 fps, side by side")
     print(f"{'setting':<62}  {'time':>7}  {'speedup':>7}  {'evals':>5}  {'coherent':>8}  {'60 fps error':>12}")
     base = None
     for name, sampler in lever_settings():
         gen, secs = run(model, recipe, motion, Fraction(60), seconds=args.seconds, per_class=per_class,
-                        seed=args.seed, sampler=sampler)
+                        seed=args.seed, sampler=sampler, frames=args.frames)
         s = score(gen, motion)
         base = base or secs
         print(f"{name:<62}  {secs:>6.1f}s  {base / secs:>6.2f}x  {s['evals']:>5.1f}  "
@@ -182,6 +184,7 @@ def parse_args(argv):
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--rates", default="6,24,60")
     p.add_argument("--seconds", type=float, default=1.0, help="clip length, as `make demo` samples (--seconds 1)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip at every rate instead of --seconds")
     p.add_argument("--per-class", type=int, default=4, help="clips per class and rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=DEMO_SAMPLER["dtype"])
