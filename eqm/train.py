@@ -589,6 +589,12 @@ def _build_accelerator(recipe: Recipe, run_dir: Optional[Path], warn: Callable[[
     # destroy_process_group cannot drop, so its worker threads outlive it (see shutdown_distributed).
     importlib.import_module("torch._dynamo")
 
+    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
+    # another mixed precision ("already been initialized"), so a library caller's second train()
+    # could not switch precision; forget it (the process group, PartialState, is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without a GPU: under `accelerate launch --multi_gpu` this makes the ranks a real
     # gloo process group (a plain Accelerator() would train unrelated models, see module doc).
     return Accelerator(

@@ -534,6 +534,7 @@ def test_bf16_mixed_precision_runs_under_cpu_autocast_with_float32_weights(tmp_p
 
     M.Mlp.forward = spy
     try:
+        train(recipe("train.steps=1"), tmp_path / "fp32", log=quiet)  # one process, two precisions in turn
         res = train(recipe("train.steps=2", "train.mixed_precision=bf16"), tmp_path / "run", log=quiet)
     finally:
         M.Mlp.forward = real
