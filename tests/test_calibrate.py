@@ -180,3 +180,31 @@ def test_bad_inputs_are_one_line_errors(random_run, tmp_path, args, message):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], stderr
     assert "Traceback" not in stderr and not (tmp_path / "cal").exists()
+
+
+# ----------------------------------------------------------------------------- trained models
+
+#: 8x8 discs, 4-frame clips at 8-30 fps, two classes (right, left): the smallest setting where
+#: 600 steps give discs that move (docs/calibration.md).
+TINY = ["data.height=8", "data.width=8", "data.num_frames=4", "data.synthetic.num_classes=2", "model.depth=2",
+        "train.batch_size=16", "train.steps=600", "train.warmup_steps=10", "train.ema_decay=0.95",
+        "train.preview_every=0", "train.log_every=1000", "train.ckpt_every=1000"]
+
+
+@pytest.mark.slow  # two 600-step trainings: about a minute of CPU
+def test_a_briefly_trained_index_model_speeds_up_with_the_rate(tmp_path):
+    """The time-blind baseline makes the same frames at every rate, so its speed in px/s grows with
+    the rate; the seconds model trained the same way grows less. Direction only."""
+    from eqm.recipe import load_recipe
+    from eqm.train import train
+
+    growth = {}
+    for mode in ("seconds", "index"):
+        recipe = load_recipe("recipes/tiny-synthetic.yaml", TINY + [f"model.time.mode={mode}"])
+        train(recipe, tmp_path / mode, log=lambda _l: None)
+        cal = calibrate(tmp_path / mode, "6,60", samples=4, ref_clips=16, cfg_scales="1", sampler={"tol": 0.01})
+        lo, hi = (r.ratio for r in cal.results)
+        growth[mode] = hi / lo
+    print(f"speed ratio at 60 fps over 6 fps: {growth}")
+    assert growth["index"] > 2.0, growth
+    assert growth["index"] > growth["seconds"], growth

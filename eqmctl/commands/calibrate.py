@@ -86,11 +86,11 @@ def _print_table(cal) -> None:
     ref = cal.reference
     lo_hi = cal.train_fps
     table = Table(
-        title=f"motion speed of {cal.checkpoint} (step {cal.step}, {cal.weights} weights) against {ref.data}: "
-        f"{ref.speed:.2f} px/s median over {ref.measured} clips",
+        title=f"{cal.checkpoint} (step {cal.step}, {cal.weights} weights) vs {ref.data}: "
+        f"{ref.speed:.2f} px/s (median of {ref.measured} clips)",
         title_justify="left",
     )
-    for col in ("fps", "guidance", "frames", "clips", "pair gap", "speed px/s", "ratio", "spread (quartiles)"):
+    for col in ("fps", "cfg", "frames", "clips", "gap", "px/s", "ratio", "quartiles"):
         table.add_column(col, justify="right")
     for r in cal.results:
         inside = lo_hi is not None and lo_hi[0] <= float(r.rate) <= lo_hi[1]
