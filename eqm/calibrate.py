@@ -68,17 +68,22 @@ def frame_pairs(timestamps, gap: float = DEFAULT_GAP) -> list[tuple[int, int]]:
     """Frame index pairs (i, j), i < j, whose time difference is closest to ``gap`` seconds.
 
     All pairs within PAIR_SLACK * gap of the best one (variable-rate files jitter), at most
-    MAX_PAIRS spread over the clip; empty for a clip of one frame.
+    MAX_PAIRS spread over the clip; empty for a clip of one frame. Timestamps must increase.
     """
     t = np.asarray(timestamps, dtype=np.float64).reshape(-1)
     if t.size < 2:
         return []
-    diff = t[None, :] - t[:, None]
-    err = np.where(np.triu(np.ones_like(diff, dtype=bool), k=1), np.abs(diff - gap), np.inf)
-    best = float(err.min())
-    i, j = np.nonzero(err <= best + PAIR_SLACK * gap)
-    keep = np.unique(np.linspace(0, len(i) - 1, min(MAX_PAIRS, len(i))).round().astype(int))
-    return [(int(i[k]), int(j[k])) for k in keep]
+    if not np.all(np.diff(t) > 0):
+        raise EqmError("frame timestamps must be strictly increasing seconds")
+    idx = np.arange(t.size)
+    after = np.searchsorted(t, t + gap)  # first frame at least gap after frame i
+    cand = np.clip(np.stack([after - 1, after], axis=1), 0, t.size - 1)  # the frames either side
+    err = np.where(cand > idx[:, None], np.abs(t[cand] - t[:, None] - gap), np.inf)
+    pick = err.argmin(axis=1)
+    j, e = cand[idx, pick], err[idx, pick]
+    i = np.nonzero(e <= e.min() + PAIR_SLACK * gap)[0]
+    keep = i[np.unique(np.linspace(0, len(i) - 1, min(MAX_PAIRS, len(i))).round().astype(int))]
+    return [(int(a), int(j[a])) for a in keep]
 
 
 def pair_speeds(a: np.ndarray, b: np.ndarray, seconds: float) -> np.ndarray:

@@ -40,6 +40,11 @@ def test_frame_pairs_are_chosen_by_time_not_by_index():
     assert frame_pairs([0.0]) == []
     # a clip shorter than the gap uses its longest pair
     assert frame_pairs(np.arange(4) / 60.0)[0] == (0, 3)
+    # a long clip: at most MAX_PAIRS pairs, spread over it, without a frames x frames table
+    long = frame_pairs(np.arange(20000) / 60.0)
+    assert len(long) == 8 and long[0] == (0, 10) and long[-1][0] > 19000
+    with pytest.raises(EqmError, match="strictly increasing"):
+        frame_pairs([0.0, 0.2, 0.1])
 
 
 def test_flow_ratio_agrees_with_the_centroid_tracker_on_synthetic_discs():
