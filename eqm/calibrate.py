@@ -259,7 +259,8 @@ def generation_labels(num_classes: int, samples: int):
 
 def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float, *, samples: int, seed: int,
                  sampler: dict, batch_size: Optional[int], gap: float):
-    """Sample the model at ``rate`` and measure every clip: (ClipSpeeds, frames, warning or None).
+    """Sample the model at ``rate`` and measure every clip: (ClipSpeeds, frames, warning or None,
+    the sampler settings used, defaults resolved).
 
     Clip length as `eqmctl sample` picks it (the training length, shortened at rates where it
     would reach past the trained seconds); noise per sample from ``seed``, the same at every rate.
@@ -272,7 +273,7 @@ def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float
                    seed=seed, batch_size=batch_size, **sampler)
     if gen.videos.shape[1] != 3:
         raise EqmError(f"calibration measures RGB frames; this model generates {gen.videos.shape[1]}-channel latents")
-    return measure_clips(gen.videos, gen.timestamps, labels, gap), frames, beyond
+    return measure_clips(gen.videos, gen.timestamps, labels, gap), frames, beyond, gen.settings
 
 
 # =============================================================================================
@@ -420,8 +421,8 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     for scale in scales:
         for rate in rates:
             say(f"sampling at {float(rate):g} fps, guidance {scale:g}")
-            gen, frames, beyond = measure_rate(model, recipe, rate, scale, samples=samples, seed=seed, sampler=opts,
-                                               batch_size=batch_size, gap=gap)
+            gen, frames, beyond, used = measure_rate(model, recipe, rate, scale, samples=samples, seed=seed,
+                                                     sampler=opts, batch_size=batch_size, gap=gap)
             if beyond and beyond not in warnings:
                 warnings.append(beyond)
             results.append(summarize_rate(gen, ref, rate, scale, frames))
@@ -429,7 +430,8 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         checkpoint=str(state["checkpoint"]), step=state.get("step"),
         weights="ema" if str(state["weights"]).endswith("ema.safetensors") else "raw",
         time_mode=model.config.time_mode, train_fps=_train_fps(recipe),
-        class_names=list(state.get("class_names") or []), sampler=opts, samples_per_class=samples, seed=seed,
+        class_names=list(state.get("class_names") or []), samples_per_class=samples, seed=seed,
+        sampler={k: v for k, v in used.items() if k not in ("cfg_scale", "seed")},
         reference=ref, results=results, warnings=warnings,
     )
 
