@@ -96,7 +96,7 @@ def rate_frames(recipe, rates) -> dict:
     return {r: span.frames_within(r, recipe.data.num_frames) for r in rates}
 
 
-def measure(model, motion, rate, *, frames: int, per_class: int, seed: int, sampler: dict, batch_size: Optional[int]):
+def measure(model, motion, rate, *, frames: int, per_class: int, seed: int, sampler, batch_size: Optional[int]):
     """Generate per_class clips of every class at `rate`; return per-sample rows."""
     import torch
 
@@ -106,7 +106,7 @@ def measure(model, motion, rate, *, frames: int, per_class: int, seed: int, samp
     C = motion.num_classes
     labels = torch.arange(C * per_class) % C
     gen = generate(model, fps=rate, num_frames=frames, num_samples=len(labels), labels=labels, seed=seed,
-                   batch_size=batch_size, **sampler)
+                   batch_size=batch_size, settings=sampler)
     vel = estimate_velocities(gen.videos, gen.timestamps)
     rows = []
     for i, k in enumerate(labels.tolist()):
@@ -277,7 +277,9 @@ def main(argv=None) -> int:
     counts = [frames_at[r] for r in rates]
     frames_text = f"{counts[0] if len(set(counts)) == 1 else '/'.join(map(str, counts))} frames"
     cfg_scale = base.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    sampler = {"method": args.sampler, "steps": args.sample_steps, "step_size": args.step_size, "tol": args.tol, "cfg_scale": cfg_scale}
+    from eqm.config import SamplerSettings
+
+    sampler = SamplerSettings(method=args.sampler, steps=args.sample_steps, step_size=args.step_size, tol=args.tol, cfg_scale=cfg_scale)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"calibration: {', '.join(modes)}; {steps} steps each on {base.data.source} clips at "
           f"{base.data.fps_min:g}-{base.data.fps_max:g} fps; sampling {frames_text} at "
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
     doc = {
         "command": "python benchmarks/bench_calibration.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "recipe": str(args.recipe), "steps": steps, "frames": {str(r): n for r, n in frames_at.items()}, "samples_per_class": args.samples,
-        "sampler": sampler,
+        "sampler": sampler.to_dict(),
         "train_fps": [base.data.fps_min, base.data.fps_max], "rates": [str(r) for r in rates],
         "speeds_px_per_s": [motion.speed(k) for k in range(motion.num_classes)],
         "train_seconds": timings, "results": results, "worst_median_error": worst,

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 #: The sampler settings `make demo` samples with (Makefile DEMO_SAMPLE); --sampler-* override them.
-DEMO_SAMPLER = dict(dtype="bf16", cfg_every=2, steps=20, step_size=0.05, tol=None)
+DEMO_SAMPLER = dict(dtype="bf16", cfg_every=2, steps=20, step_size=0.05, tol=0.0)
 #: `eqmctl sample`'s own defaults, the baseline of --levers.
 CLI_SAMPLER = dict(dtype="fp32", cfg_every=1, steps=40, step_size=0.03, tol=0.01)
 
@@ -74,8 +74,13 @@ def run(model, recipe, motion, rate, *, seconds: float, per_class: int, seed: in
     labels = torch.arange(C * per_class) % C
     frames = frames or resolve_num_frames(rate, seconds=seconds)
     t0 = time.perf_counter()
+    from eqm.config import SamplerSettings
+
+    options = dict(sampler)
+    dtype = options.pop("dtype")
+    settings = SamplerSettings(recipe.sample.method, cfg_scale=recipe.sample.cfg_scale, **options)
     gen = generate(model, fps=rate, num_frames=frames, num_samples=len(labels), labels=labels, seed=seed,
-                   cfg_scale=recipe.sample.cfg_scale, method=recipe.sample.method, **sampler)
+                   settings=settings, dtype=dtype)
     return gen, time.perf_counter() - t0
 
 

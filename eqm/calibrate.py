@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from .config import SamplerSettings
 from .errors import EqmError
 
 #: Seconds between the two frames of a flow pair: one frame apart at 6 fps, ten at 60 fps.
@@ -258,7 +259,7 @@ def generation_labels(num_classes: int, samples: int):
 
 
 def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float, *, samples: int, seed: int,
-                 sampler: dict, batch_size: Optional[int], gap: float):
+                 sampler: SamplerSettings, batch_size: Optional[int], gap: float):
     """Sample the model at ``rate`` and measure every clip: (ClipSpeeds, frames, warning or None,
     the sampler settings used, defaults resolved).
 
@@ -269,8 +270,8 @@ def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float
 
     frames, beyond = plan_frames(model, recipe, rate)
     labels, n = generation_labels(int(model.config.num_classes), samples)
-    gen = generate(model, fps=rate, num_frames=frames, num_samples=n, labels=labels, cfg_scale=cfg_scale,
-                   seed=seed, batch_size=batch_size, **sampler)
+    gen = generate(model, fps=rate, num_frames=frames, num_samples=n, labels=labels,
+                   settings=replace(sampler, cfg_scale=cfg_scale), seed=seed, batch_size=batch_size)
     if gen.videos.shape[1] != 3:
         raise EqmError(f"calibration measures RGB frames; this model generates {gen.videos.shape[1]}-channel latents")
     return measure_clips(gen.videos, gen.timestamps, labels, gap), frames, beyond, gen.settings
@@ -291,7 +292,7 @@ class Calibration:
     time_mode: Optional[str]
     train_fps: Optional[tuple[float, float]]
     class_names: list[str]
-    sampler: dict
+    sampler: dict  # the SamplerSettings used, defaults resolved, without the guidance scale (per result)
     samples_per_class: int
     seed: int
     reference: Reference
@@ -380,14 +381,14 @@ def _train_fps(recipe: Optional[dict]) -> Optional[tuple[float, float]]:
 
 
 def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, cfg_scales=None, seed: int = 0,
-              ema: bool = True, sampler: Optional[dict] = None, batch_size: Optional[int] = None, device="cpu",
+              ema: bool = True, sampler: Optional[SamplerSettings] = None, batch_size: Optional[int] = None, device="cpu",
               gap: float = DEFAULT_GAP, runs_root="runs", log: Optional[Callable[[str], None]] = None) -> Calibration:
     """Measure a checkpoint's motion speed at each rate and guidance scale against its data's.
 
     ckpt: what `eqm.checkpoint.resolve_checkpoint` accepts; rates: "6,12,24" or a list; data: a
     recipe, manifest or folder instead of the checkpoint's own training data; samples: clips per
     class per rate; ref_clips: reference clips; cfg_scales: default the recipe's sample.cfg_scale;
-    sampler: `eqm.generate.generate` sampler options. ``log`` receives one line per step.
+    sampler: the SamplerSettings (its cfg_scale is replaced by each scale). ``log`` receives one line per step.
     """
     from .checkpoint import load_model
     from .generate import recipe_cfg_scale
@@ -417,7 +418,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     ref = summarize_reference(measure_dataset(dataset, ref_clips, gap), data_name(ref_recipe))
 
     results = []
-    opts = dict(sampler or {})
+    opts = (sampler or SamplerSettings()).resolved()
     for scale in scales:
         for rate in rates:
             say(f"sampling at {float(rate):g} fps, guidance {scale:g}")
@@ -431,7 +432,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         weights="ema" if str(state["weights"]).endswith("ema.safetensors") else "raw",
         time_mode=model.config.time_mode, train_fps=_train_fps(recipe),
         class_names=list(state.get("class_names") or []), samples_per_class=samples, seed=seed,
-        sampler={k: v for k, v in used.items() if k not in ("cfg_scale", "seed")},
+        sampler={k: v for k, v in used.to_dict().items() if k != "cfg_scale"},  # guidance: per result
         reference=ref, results=results, warnings=warnings,
     )
 

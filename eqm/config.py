@@ -1,4 +1,5 @@
-"""The model architecture as one value: :class:`EqMConfig`, and the size registry that builds it.
+"""Configuration values: the model architecture (:class:`EqMConfig`, with the size registry that
+builds it) and the sampler settings (:class:`SamplerSettings`).
 
 An ``EqMConfig`` is everything :class:`eqm.model.EqMTransformer` needs to build its modules, and
 everything a checkpoint stores about them (``state.json`` ``"arch"`` is ``config.to_dict()``).
@@ -7,8 +8,13 @@ checkpoint loader and ``inspect-embed`` all build one instead of re-checking opt
 :meth:`EqMConfig.from_dict` is the one reader of saved architectures: it rejects unknown keys and
 applies the defaults of checkpoints written before a field existed.
 
-This module does not import torch (the recipe validates architectures before torch is loaded), so
-the pure arithmetic of the positional channel split lives here and :mod:`eqm.embed` re-exports it.
+A :class:`SamplerSettings` is how to sample (method, steps, step size, momentum, tolerance,
+guidance), with the per-method defaults resolved and every value checked when it is made; every
+sampling entry point (``eqm.sampler.sample``, ``eqm.generate``, ``eqm.retime``, training previews)
+takes one, built once from CLI flags or from a recipe's ``sample`` section.
+
+This module does not import torch (the recipe validates both before torch is loaded), so the pure
+arithmetic of the positional channel split lives here and :mod:`eqm.embed` re-exports it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import budget
-from .errors import EqmError
+from .errors import EqmError, ParamError
 
 #: Reference rate r: tau = t_seconds * r (measured choice: docs/embedding.md#choosing-ref_fps).
 DEFAULT_REF_FPS = 24.0
@@ -51,14 +57,6 @@ EQM_SIZES = {
 }
 
 
-class ConfigError(EqmError):
-    """An impossible architecture; ``field`` is the EqMConfig field at fault (the message starts with it)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
 # ============================================================================================
 # Channel split of the positional code (pure arithmetic, shared with eqm.embed)
 # ============================================================================================
@@ -67,27 +65,27 @@ class ConfigError(EqmError):
 def sincos_time_channels(dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> int:
     """Number d_t of channels carrying tau in the sincos code; checks the layout is possible."""
     if dim % 4:
-        raise ConfigError("hidden_size", f"hidden_size must be divisible by 4 for sincos positions, got {dim}")
+        raise ParamError("hidden_size", f"hidden_size must be divisible by 4 for sincos positions, got {dim}")
     if not 0.0 <= time_frac <= 0.5:
-        raise ConfigError("time_frac", f"time_frac for sincos must be in [0, 0.5], got {time_frac}")
+        raise ParamError("time_frac", f"time_frac for sincos must be in [0, 0.5], got {time_frac}")
     d_t = int(round(time_frac * dim))
     if d_t % 2:
-        raise ConfigError("time_frac", f"time_frac={time_frac} of hidden_size {dim} gives {d_t} time channels; it must be even")
+        raise ParamError("time_frac", f"time_frac={time_frac} of hidden_size {dim} gives {d_t} time channels; it must be even")
     return d_t
 
 
 def rope_split(head_dim: int, time_frac: float = DEFAULT_TIME_FRAC) -> tuple[int, int, int]:
     """Per-head channel split (d_t, d_row, d_col) for 3D RoPE; every group even and non-empty."""
     if head_dim % 2:
-        raise ConfigError("hidden_size", f"hidden_size / num_heads must be even for rope, got a head dimension of {head_dim}")
+        raise ParamError("hidden_size", f"hidden_size / num_heads must be even for rope, got a head dimension of {head_dim}")
     if not 0.0 < time_frac < 1.0:
-        raise ConfigError("time_frac", f"time_frac for rope must be in (0, 1), got {time_frac}")
+        raise ParamError("time_frac", f"time_frac for rope must be in (0, 1), got {time_frac}")
     d_t = max(2, 2 * int(round(time_frac * head_dim / 2)))
     rest = head_dim - d_t
     d_row = 2 * math.ceil(rest / 4)
     d_col = rest - d_row
     if d_col < 2 or d_row < 2:
-        raise ConfigError(
+        raise ParamError(
             "time_frac",
             f"time_frac={time_frac} with a head dimension of {head_dim} leaves no even split for rows and "
             f"columns (t={d_t}, row={d_row}, col={d_col})",
@@ -140,19 +138,19 @@ class EqMConfig:
         if _is_int(size):
             size = (size, size)
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size)):
-            raise ConfigError("input_size", f"input_size must be a positive int or (height, width), got {self.input_size!r}")
+            raise ParamError("input_size", f"input_size must be a positive int or (height, width), got {self.input_size!r}")
         object.__setattr__(self, "input_size", tuple(size))
         for name in ("mlp_ratio", "class_dropout_prob", "ref_fps", "time_frac"):
             value = getattr(self, name)
             if not _is_number(value):
-                raise ConfigError(name, f"{name} must be a finite number, got {value!r}")
+                raise ParamError(name, f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         self._validate()
 
     def _validate(self) -> None:
         def need(ok: bool, name: str, problem: str):
             if not ok:
-                raise ConfigError(name, f"{name} {problem}, got {getattr(self, name)!r}")
+                raise ParamError(name, f"{name} {problem}, got {getattr(self, name)!r}")
 
         for name, low in (("in_channels", 1), ("num_frames", 1), ("patch_size", 1), ("temporal_patch", 1),
                           ("hidden_size", 1), ("depth", 0), ("num_heads", 1), ("num_classes", 0)):
@@ -234,6 +232,101 @@ class EqMConfig:
             close = [lower[size.lower()]] if isinstance(size, str) and size.lower() in lower else (
                 difflib.get_close_matches(str(size), list(EQM_SIZES), n=1, cutoff=0.5))
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError("size", f"size must be one of {', '.join(EQM_SIZES)}, got {size!r}{hint}")
+            raise ParamError("size", f"size must be one of {', '.join(EQM_SIZES)}, got {size!r}{hint}")
         return cls(**{**EQM_SIZES[size], **fields})
 
+
+
+# ============================================================================================
+# Sampler settings
+# ============================================================================================
+
+SAMPLER_METHODS = ("gd", "nag")
+
+#: Measured defaults for small pixel-space models (docs/sampler.md): what a field not chosen takes.
+SMALL_MODEL_SETTINGS = {
+    "gd": dict(steps=40, step_size=0.03, momentum=0.0, tol=0.01),
+    "nag": dict(steps=30, step_size=0.02, momentum=0.3, tol=0.01),
+}
+
+#: The paper's settings for its large latent image models (official checkpoints sample with these).
+PAPER_SETTINGS = {
+    "gd": dict(steps=250, step_size=0.003, momentum=0.0, tol=0.0),
+    "nag": dict(steps=250, step_size=0.0017, momentum=0.3, tol=0.0),
+}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: GD or NAG-GD on the model's gradient field (eqm.sampler).
+
+    A field left None is "not chosen": :meth:`resolved` fills steps / step_size / momentum / tol
+    from the method's defaults (:data:`SMALL_MODEL_SETTINGS`, or :data:`PAPER_SETTINGS` for
+    official checkpoints), and cfg_scale with 1 (no guidance) -- sampling a checkpoint first takes
+    its recipe's ``sample.cfg_scale`` (:meth:`with_default_guidance`).  ``tol``: adaptive stop when
+    a sample's gradient RMS falls below it (0 = run every step).  ``guidance_channels``: guide only
+    the first n channels, the others follow the conditional field (the official sampler: 3;
+    None = all).  ``cfg_every``: with guidance, the null-label pass every n-th step only, its
+    guidance term reused in between (not chosen: 1, every step).  Every value given is checked on construction, with a message naming the field.
+    """
+
+    method: str = "gd"
+    steps: Optional[int] = None
+    step_size: Optional[float] = None
+    momentum: Optional[float] = None
+    tol: Optional[float] = None
+    cfg_scale: Optional[float] = None
+    guidance_channels: Optional[int] = None
+    cfg_every: Optional[int] = None
+
+    def __post_init__(self):
+        if self.method not in SAMPLER_METHODS:
+            raise ParamError("method", f"method must be one of {', '.join(SAMPLER_METHODS)}, got {self.method!r}")
+        for name in ("steps", "guidance_channels", "cfg_every"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and value >= 1):
+                raise ParamError(name, f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("step_size", "momentum", "tol", "cfg_scale"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise ParamError(name, f"{name} must be a finite number, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        if self.step_size is not None and self.step_size <= 0:
+            raise ParamError("step_size", f"step_size must be > 0, got {self.step_size!r}")
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            raise ParamError("momentum", f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.tol is not None and self.tol < 0:
+            raise ParamError("tol", f"tol must be >= 0 (0 = run every step), got {self.tol!r}")
+        if self.cfg_scale is not None and self.cfg_scale < 0:
+            raise ParamError("cfg_scale", f"cfg_scale must be >= 0, got {self.cfg_scale!r}")
+
+    def resolved(self, defaults: dict = SMALL_MODEL_SETTINGS) -> "SamplerSettings":
+        """Every field set: the ones not chosen from ``defaults[method]``, guidance 1 on every step."""
+        filled = {k: v for k, v in defaults[self.method].items() if getattr(self, k) is None}
+        if self.cfg_scale is None:
+            filled["cfg_scale"] = 1.0
+        if self.cfg_every is None:
+            filled["cfg_every"] = 1
+        return dataclasses.replace(self, **filled) if filled else self
+
+    def with_default_guidance(self, scale: float) -> "SamplerSettings":
+        """These settings with ``scale`` as the guidance when none was chosen."""
+        return self if self.cfg_scale is not None else dataclasses.replace(self, cfg_scale=float(scale))
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale that runs: cfg_scale, or 1 (none) when it was not chosen."""
+        return 1.0 if self.cfg_scale is None else self.cfg_scale
+
+    @property
+    def stop_tol(self) -> Optional[float]:
+        """The adaptive-stop tolerance that runs (None: every step, as tol 0 or not chosen)."""
+        return self.tol or None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

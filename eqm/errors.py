@@ -35,3 +35,12 @@ def brief(value) -> str:
     any size: a message must never format a whole expanded structure)."""
     text = _BRIEF.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class ParamError(EqmError):
+    """A bad value of a named parameter or field; the message starts with ``param``, so a caller
+    that knows the parameter by another name (the CLI: a flag) can restate it."""
+
+    def __init__(self, param: str, message: str, exit_code: int = 2):
+        super().__init__(message, exit_code)
+        self.param = param

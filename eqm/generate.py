@@ -21,8 +21,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import fsio
-from .errors import EqmError, NonFiniteError
-from .timebase import format_fps, frames_for_duration, parse_fps
+from .config import SamplerSettings
+from .errors import EqmError, NonFiniteError, ParamError
+from .timebase import format_fps, fps_tag, frames_for_duration, parse_fps
 
 FORMATS = ("mp4", "mkv", "gif")
 
@@ -47,7 +48,9 @@ class Generation:
     final_rms: torch.Tensor
     timestamps: torch.Tensor
     fps: Fraction
-    settings: dict = field(default_factory=dict)
+    settings: SamplerSettings = field(default_factory=lambda: SamplerSettings().resolved())
+    seed: int = 0
+    dtype: str = "fp32"  # the autocast the model ran under
     latent_timestamps: Optional[torch.Tensor] = None  # (T',) seconds, in latent space: what the model saw
 
     @property
@@ -66,15 +69,15 @@ def resolve_num_frames(fps: Fraction, frames: Optional[int] = None, seconds: Opt
     up to a multiple of the model's temporal patch (a clip the model can tokenise).
     """
     if frames is not None and seconds is not None:
-        raise EqmError("give either --frames or --seconds, not both")
+        raise EqmError("give either frames or seconds, not both")
     if frames is not None:
         if isinstance(frames, bool) or int(frames) != frames or frames < 1:
-            raise EqmError(f"--frames must be a positive integer, got {frames}")
+            raise ParamError("frames", f"frames must be a positive integer, got {frames}")
         n = int(frames)
     elif seconds is not None:
         s = float(seconds)
         if not math.isfinite(s) or s <= 0:
-            raise EqmError(f"--seconds must be a positive finite number, got {seconds}")
+            raise ParamError("seconds", f"seconds must be a positive finite number, got {seconds}")
         n = max(1, frames_for_duration(s, fps))
     else:
         n = int(default)
@@ -129,7 +132,7 @@ class TrainedSpan:
         """A one-line warning when a clip reaches past the span, else None."""
         if self.tau_last(fps, num_frames) <= self.tau_max * (1 + 1e-9):
             return None
-        rate = format_fps(parse_fps(fps))
+        rate = format_fps(fps)
         trained = f"{self.num_frames} frames at {self.fps_min:g} fps"
         if self.shift:
             trained += f" shifted by up to {self.shift:g} s"
@@ -140,8 +143,8 @@ class TrainedSpan:
             reach = f"{num_frames} frames reach position {num_frames - 1}"
             span = f"position {self.tau_max:g}, the last"
         return (f"{reach}, past {span} the model was trained on ({trained}); the frames beyond are "
-                f"extrapolated and their motion tends to stall (--frames {self.frames_within(fps, num_frames)} "
-                "stays inside)")
+                f"extrapolated and their motion tends to stall ({self.frames_within(fps, num_frames)} frames "
+                "stay inside)")
 
 
 def trained_span(model, recipe: Optional[dict]) -> Optional[TrainedSpan]:
@@ -205,7 +208,7 @@ def recipe_cfg_scale(recipe: Optional[dict]) -> float:
 
 
 def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_names: Sequence[str] = (),
-                 *, flag: str = "--labels") -> Optional[torch.Tensor]:
+                 *, param: str = "labels") -> Optional[torch.Tensor]:
     """Class label per sample from ``"0,2"`` or class names; cycled over the samples.
 
     None: labels cycle through all classes (0, 1, ..., n-1, 0, ...); a model without classes
@@ -213,7 +216,7 @@ def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_
     """
     if num_classes <= 0:
         if spec:
-            raise EqmError(f"{flag} given but the model was trained without classes")
+            raise ParamError(param, f"{param} given but the model was trained without classes")
         return None
     if not spec:
         return torch.arange(num_samples) % num_classes
@@ -222,7 +225,7 @@ def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_
     for raw in spec.split(","):
         item = raw.strip()
         if not item:
-            raise EqmError(f"{flag} has an empty entry: {spec!r}")
+            raise ParamError(param, f"{param} has an empty entry: {spec!r}")
         if item in names:
             out.append(names[item])
             continue
@@ -230,9 +233,9 @@ def parse_labels(spec: Optional[str], num_classes: int, num_samples: int, class_
             k = int(item)
         except ValueError:
             known = f" (classes: {', '.join(class_names)})" if class_names else ""
-            raise EqmError(f"{flag} entry {item!r} is neither a class index nor a class name{known}") from None
+            raise ParamError(param, f"{param} entry {item!r} is neither a class index nor a class name{known}") from None
         if not 0 <= k < num_classes:
-            raise EqmError(f"{flag} entry {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+            raise ParamError(param, f"{param} entry {k} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
         out.append(k)
     reps = -(-num_samples // len(out))
     return torch.tensor((out * reps)[:num_samples], dtype=torch.long)
@@ -247,49 +250,18 @@ def sample_noise(num_samples: int, shape: Sequence[int], seed: int) -> torch.Ten
     return out
 
 
-def check_request(*, num_samples: int = 1, batch_size: Optional[int] = None, scale: int = 1,
-                  cfg_scale: Optional[float] = None) -> None:
-    """One-line errors for what a sampling request asks for, before any model is loaded: a bad
-    value must not surface after the whole sampling run (or as a traceback)."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise EqmError(f"--num-samples must be at least 1, got {num_samples}")
-    if batch_size is not None and batch_size < 1:
-        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
-    if not 1 <= scale <= MAX_UPSCALE:
-        raise EqmError(f"--upscale must be between 1 and {MAX_UPSCALE}, got {scale}")
-    if cfg_scale is not None and not (math.isfinite(cfg_scale) and cfg_scale >= 0):
-        raise EqmError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale}")
-
-
-def check_sampler_options(method: str = "gd", steps=None, step_size=None, momentum=None, tol=None) -> None:
-    """One-line errors (named like the CLI flags) for sampler settings a user typed."""
-    if method not in ("gd", "nag"):
-        raise EqmError(f"--sampler must be gd or nag, got {method!r}")
-    for name, v in (("--step-size", step_size), ("--momentum", momentum), ("--tol", tol)):
-        if v is not None and not math.isfinite(v):
-            raise EqmError(f"{name} must be a finite number, got {v}")
-    if steps is not None and steps < 1:
-        raise EqmError(f"--steps must be at least 1, got {steps}")
-    if step_size is not None and step_size <= 0:
-        raise EqmError(f"--step-size must be positive, got {step_size}")
-    if momentum is not None and not 0 <= momentum < 1:
-        raise EqmError(f"--momentum must be in [0, 1), got {momentum}")
-    if tol is not None and tol < 0:
-        raise EqmError(f"--tol must be >= 0, got {tol}")
-
-
 def resolve_device(device: Optional[str] = None) -> torch.device:
-    """--device, or cuda when available; a clear error when CUDA is asked for and absent."""
+    """``device``, or cuda when available; a clear error when CUDA is asked for and absent."""
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise EqmError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        raise ParamError("device", f"device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if dev.type not in ("cpu", "cuda"):
-        raise EqmError(f"--device {device!r}: eqmctl runs on cpu or cuda devices")
+        raise ParamError("device", f"device {device!r}: eqmctl runs on cpu or cuda devices")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EqmError(f"--device {device}: CUDA is not available on this machine")
+        raise ParamError("device", f"device {device}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise EqmError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ParamError("device", f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -302,9 +274,9 @@ def _autocast(device: torch.device, dtype: Optional[str]):
         return contextlib.nullcontext()
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
-        raise EqmError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        raise ParamError("dtype", f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
     if device.type != "cuda" and table[dtype] is torch.float16:
-        raise EqmError(f"--dtype {dtype} needs a CUDA device (running on {device.type}); use bf16 there")
+        raise ParamError("dtype", f"dtype {dtype} needs a CUDA device (running on {device.type}); use bf16 there")
     return torch.autocast(device_type=device.type, dtype=table[dtype])
 
 
@@ -315,14 +287,7 @@ def generate(
     num_frames: int,
     num_samples: int = 1,
     labels: Optional[torch.Tensor] = None,
-    cfg_scale: float = 1.0,
-    guidance_channels: Optional[int] = None,
-    cfg_every: int = 1,
-    method: str = "gd",
-    steps: Optional[int] = None,
-    step_size: Optional[float] = None,
-    momentum: Optional[float] = None,
-    tol: Optional[float] = None,
+    settings: Optional[SamplerSettings] = None,
     seed: int = 0,
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
@@ -331,24 +296,21 @@ def generate(
 ) -> Generation:
     """Sample ``num_samples`` clips of ``num_frames`` frames at timestamps k / fps.
 
-    Batches of ``batch_size`` (default: all at once) go through :func:`eqm.sampler.sample`;
-    ``progress(n)`` is called with the number of samples finished after each batch.
-    ``dtype`` "bf16" runs the model under autocast (CUDA or CPU), "fp16" under CUDA autocast.
-    guidance_channels, cfg_every: see eqm.sampler.sample.
-    vae (an eqm.vae.Vae): a latent-space model; the latents of those frames are sampled at the
+    settings: the sampler (default ``SamplerSettings()``; what is not chosen takes the measured
+    defaults, guidance none; the resolved settings are in the result).  Batches of ``batch_size``
+    (default: all at once) go through :func:`eqm.sampler.sample`; ``progress(n)`` is called with
+    the number of samples finished after each batch.  ``dtype`` "bf16" runs the model under
+    autocast (CUDA or CPU), "fp16" under CUDA autocast.  vae (an eqm.vae.Vae): a latent-space model; the latents of those frames are sampled at the
     latent timestamps of k / fps (eqm.vae.plan_latents) and decoded.
     """
-    from .sampler import default_sampler_settings, sample
+    from .sampler import sample
     from .vae import plan_latents
 
-    fps = parse_fps(fps)
-    check_request(num_samples=num_samples, batch_size=batch_size, cfg_scale=cfg_scale)
-    if cfg_scale != 1.0 and labels is None:
-        raise EqmError("--cfg-scale needs a class-conditional model (this one has no classes)")
-    settings = default_sampler_settings(method)
-    steps = settings["steps"] if steps is None else steps
-    step_size = settings["step_size"] if step_size is None else step_size
-    momentum = settings["momentum"] if momentum is None else momentum
+    fps = parse_fps(fps, name="fps")
+    settings = (settings or SamplerSettings()).resolved()
+    check_batch_options(num_samples, batch_size)
+    if settings.guidance != 1.0 and labels is None:
+        raise ParamError("cfg_scale", "cfg_scale needs a class-conditional model (this one has no classes)")
 
     device = next(model.parameters()).device
     C = model.config.in_channels
@@ -356,7 +318,7 @@ def generate(
     plan = plan_latents(fps, num_frames, 1 if vae is None else vae.temporal)
     ts = plan.latent_timestamps
     bs = num_samples if batch_size is None else batch_size
-    _check_work(model, plan.num_latents, min(bs, num_samples) * (2 if cfg_scale != 1.0 else 1), device)
+    _check_work(model, plan.num_latents, min(bs, num_samples) * (2 if settings.guidance != 1.0 else 1), device)
     noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)
 
     outs, evals, rms = [], [], []
@@ -365,15 +327,11 @@ def generate(
         n = stop - start
         y = None if labels is None else labels[start:stop].to(device)
         with _autocast(device, dtype):
-            res = sample(
-                model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y,
-                method=method, steps=steps, step_size=step_size, momentum=momentum,
-                cfg_scale=cfg_scale, guidance_channels=guidance_channels, cfg_every=cfg_every, tol=tol,
-            )
+            res = sample(model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y, settings)
         x = res.x.float().cpu()
         if not torch.isfinite(x).all():
-            raise NonFiniteError(f"sampling diverged (non-finite values) with step size {step_size}; "
-                                 "try a smaller --step-size")
+            raise NonFiniteError(f"sampling diverged (non-finite values) with step_size {settings.step_size}; "
+                                 "try a smaller step_size")
         outs.append((x if vae is None else vae.decode(x)).clamp(-1, 1))
         evals.append(res.evals.cpu())
         rms.append(res.final_rms.float().cpu())
@@ -381,10 +339,7 @@ def generate(
             progress(stop)
     return Generation(
         videos=torch.cat(outs), labels=labels, evals=torch.cat(evals), final_rms=torch.cat(rms),
-        timestamps=plan.frame_timestamps, fps=fps,
-        settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol,
-                      cfg_scale=cfg_scale, guidance_channels=guidance_channels, cfg_every=cfg_every, seed=seed,
-                      dtype=dtype or "fp32"),
+        timestamps=plan.frame_timestamps, fps=fps, settings=settings, seed=seed, dtype=dtype or "fp32",
         latent_timestamps=None if vae is None else ts,
     )
 
@@ -402,8 +357,8 @@ def _check_work(model, num_frames: int, batch: int, device) -> None:
 
 def upscale(videos: torch.Tensor, factor: int) -> torch.Tensor:
     """Nearest-neighbour enlargement of (N, C, T, H, W) clips by an integer factor (tiny models
-    make 24-pixel clips that players show as a speck; nearest keeps the pixels honest)."""
-    check_request(scale=factor)
+    make 24-pixel clips that players show as a speck; nearest keeps the pixels honest).  The
+    factor is checked by :func:`check_output_options`."""
     if factor == 1:
         return videos
     return videos.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
@@ -431,16 +386,6 @@ class WriteSummary:
     warnings: list
 
 
-def _fps_tag(fps: Fraction) -> str:
-    """'60', '29.97' (for 30000/1001): a file-name friendly rate."""
-    return str(fps.numerator) if fps.denominator == 1 else f"{float(fps):.3f}".rstrip("0").rstrip(".")
-
-
-def fps_str(fps: Fraction) -> str:
-    """The exact rate as Fraction() parses it back: '60', '30000/1001'."""
-    return str(fps.numerator) if fps.denominator == 1 else f"{fps.numerator}/{fps.denominator}"
-
-
 def write_generation(
     gen: Generation,
     out_dir,
@@ -460,14 +405,11 @@ def write_generation(
     """
     from .video.io import to_uint8, write_grid_png, write_png_frames, write_video
 
-    if fmt not in FORMATS:
-        raise EqmError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_output_options(out_dir, fmt, scale)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EqmError(f"output path {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     videos = upscale(gen.videos, scale)
-    tag = _fps_tag(gen.fps)
+    tag = fps_tag(gen.fps)
     written, warnings = [], []
     for i in range(videos.shape[0]):
         label = None if gen.labels is None else int(gen.labels[i])
@@ -492,14 +434,14 @@ def write_generation(
         write_grid_png(grid_path, videos)
     manifest = out_dir / f"{prefix}s.json"
     doc = {
-        "fps": fps_str(gen.fps),
+        "fps": str(gen.fps),
         "fps_float": float(gen.fps),
         "num_frames": gen.num_frames,
         "duration": gen.duration,
         "timestamps": [round(float(t), 9) for t in gen.timestamps],
         **({} if gen.latent_timestamps is None
            else {"latent_timestamps": [round(float(t), 9) for t in gen.latent_timestamps]}),
-        "settings": gen.settings,
+        "settings": {**gen.settings.to_dict(), "seed": gen.seed, "dtype": gen.dtype},
         **(meta or {}),
         "samples": [
             {"file": w.path.name, "label": w.label, "frames": w.frames, "duration": w.duration,
@@ -511,3 +453,131 @@ def write_generation(
     fsio.write_json(manifest, doc)
     return WriteSummary(out_dir=out_dir, fps=gen.fps, samples=written, grid=grid_path, manifest=manifest, warnings=warnings)
 
+
+def load_for_sampling(ckpt=None, *, use_ema: bool = True, device: Optional[str] = None, runs_root="runs"):
+    """The model of a checkpoint, in eval mode on ``device``, and notes for the user.
+
+    ckpt: what :func:`eqm.checkpoint.resolve_checkpoint` takes (None: the latest run under
+    ``runs_root``; a run's damaged newest checkpoint is passed over).  Returns (model, state,
+    notes); the notes say when a checkpoint was passed over, and when the EMA weights were asked
+    for and the checkpoint has none, so the raw weights are used.
+    """
+    from .checkpoint import EMA_FILE, load_model, resolve_checkpoint
+
+    notes: list = []
+    dev = resolve_device(device)
+    path = resolve_checkpoint(ckpt, runs_root, warn=notes.append)
+    model, state = load_model(path, use_ema=use_ema, device=dev)
+    if use_ema and Path(state["weights"]).name != EMA_FILE:
+        notes.append(f"{path} has no EMA weights; using the raw weights")
+    return model, state, notes
+
+
+@dataclass
+class SampleRun:
+    """What :func:`sample_checkpoint` did: the checkpoint, the clips, the files, and the notes
+    (warnings) it had for the user."""
+
+    checkpoint: Path
+    state: dict
+    generation: Generation
+    written: WriteSummary
+    notes: list
+
+
+def sample_checkpoint(
+    ckpt=None,
+    *,
+    fps,
+    out_dir="samples",
+    frames: Optional[int] = None,
+    seconds: Optional[float] = None,
+    num_samples: int = 4,
+    labels: Optional[str] = None,
+    settings: Optional[SamplerSettings] = None,
+    seed: int = 0,
+    use_ema: bool = True,
+    runs_root="runs",
+    fmt: str = "mp4",
+    png: bool = False,
+    grid: bool = False,
+    upscale: int = 1,
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    vae_path=None,
+    progress: Optional[Callable[[int], None]] = None,
+    on_note: Optional[Callable[[str], None]] = None,
+) -> SampleRun:
+    """Everything ``eqmctl sample`` does: load a checkpoint, sample clips at ``fps``, write them.
+
+    * ckpt: a checkpoint or run directory (None: the latest run under ``runs_root``); the EMA
+      weights unless ``use_ema`` is False (raw weights, with a note, when it has no EMA file).
+    * frames / seconds (at most one): clip length; default the model's training clip length,
+      shortened at rates below its training range so the clip stays inside the seconds it was
+      trained on (:func:`plan_frames`; a note when a clip given reaches past them).
+    * labels: "0,2" or class names, cycled over the samples (None: every class in turn).
+    * settings: the sampler; guidance not chosen = the recipe's ``sample.cfg_scale``.
+    * A latent-space checkpoint is decoded with the VAE it recorded (``vae_path`` when its folder
+      moved; eqm.latent.checkpoint_vae).
+    * Files: ``out_dir/<prefix>_<i>_<label>_<fps>fps.<fmt>`` and ``samples.json``.
+
+    Notes (warnings) go to ``on_note`` as they arise and into the result.  Every argument is
+    checked before the checkpoint is read; nothing is written unless sampling succeeds.
+    """
+    from .checkpoint import EMA_FILE
+    from .latent import checkpoint_vae
+
+    notes: list = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if on_note is not None:
+            on_note(text)
+
+    rate = parse_fps(fps, name="fps")
+    settings = settings or SamplerSettings()
+    check_output_options(out_dir, fmt, upscale)
+    check_batch_options(num_samples, batch_size)
+    model, state, load_notes = load_for_sampling(ckpt, use_ema=use_ema, device=device, runs_root=runs_root)
+    for text in load_notes:
+        note(text)
+    decoder = checkpoint_vae(state, vae_path, next(model.parameters()).device, where=state["checkpoint"])
+    recipe, class_names = state.get("recipe"), list(state.get("class_names") or [])
+    T, beyond = plan_frames(model, recipe, rate, frames, seconds, temporal=1 if decoder is None else decoder.temporal)
+    if beyond:
+        note(beyond)
+    y = parse_labels(labels, model.config.num_classes, num_samples, class_names)
+    settings = settings.with_default_guidance(recipe_cfg_scale(recipe) if y is not None else 1.0)
+    try:
+        gen = generate(model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, settings=settings,
+                       seed=seed, batch_size=batch_size, dtype=dtype, progress=progress, vae=decoder)
+    except NonFiniteError as e:  # the model is what broke: name its checkpoint
+        raise NonFiniteError(f"checkpoint {state['checkpoint']}: {e}") from None
+    weights = "ema" if Path(state["weights"]).name == EMA_FILE else "raw"
+    written = write_generation(
+        gen, out_dir, fmt=fmt, png=png, grid=grid, scale=upscale, class_names=class_names,
+        meta={"checkpoint": state["checkpoint"], "step": state.get("step"), "weights": weights,
+              "time_mode": model.config.time_mode, "vae": None if decoder is None else decoder.identity.to_dict()},
+    )
+    for text in written.warnings:
+        note(text)
+    return SampleRun(checkpoint=Path(state["checkpoint"]), state=state, generation=gen, written=written, notes=notes)
+
+
+def check_output_options(out_dir, fmt: str = "mp4", scale: int = 1) -> None:
+    """The write options of :func:`write_generation` (also checked before sampling starts)."""
+    if fmt not in FORMATS:
+        raise ParamError("fmt", f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ParamError("out_dir", f"out_dir {out_dir} exists and is not a folder")
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= MAX_UPSCALE:
+        raise ParamError("upscale", f"upscale must be an integer between 1 and {MAX_UPSCALE}, got {scale}")
+
+
+def check_batch_options(num_samples: int, batch_size: Optional[int]) -> None:
+    """The counts of :func:`generate` (also checked before the checkpoint is read)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ParamError("num_samples", f"num_samples must be an integer >= 1, got {num_samples}")
+    if batch_size is not None and batch_size < 1:
+        raise ParamError("batch_size", f"batch_size must be >= 1, got {batch_size}")

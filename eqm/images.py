@@ -3,7 +3,7 @@
 This is `eqmctl sample --ckpt official.pt`: an official EqM checkpoint is an ImageNet image model
 in SD-VAE latent space, so a sample is one latent frame (4 x 32 x 32 at 256 px) that the VAE
 decodes to pixels.  The sampler is eqm.sampler's GD / NAG-GD; without explicit settings it runs
-the paper's (PAPER_SETTINGS, tuned for these models), not the small-model defaults.  Passing
+the paper's (eqm.config.PAPER_SETTINGS, tuned for these models), not the small-model defaults.  Passing
 ``guidance_channels=3`` guides like the official code (first 3 latent channels only).
 
 Noise is drawn per sample as in eqm.generate (sample i is the same whatever the batch size).
@@ -12,12 +12,13 @@ Noise is drawn per sample as in eqm.generate (sample i is the same whatever the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .config import PAPER_SETTINGS, SamplerSettings
 from .errors import EqmError, NonFiniteError
 
 #: Most images per grid row.
@@ -34,7 +35,8 @@ class ImageGeneration:
     labels: Optional[torch.Tensor]
     evals: torch.Tensor
     final_rms: torch.Tensor
-    settings: dict = field(default_factory=dict)
+    settings: SamplerSettings = field(default_factory=lambda: SamplerSettings().resolved(PAPER_SETTINGS))
+    seed: int = 0
 
 
 @dataclass
@@ -43,18 +45,6 @@ class ImageSummary:
     files: list
     grid: Optional[Path]
     manifest: Path
-
-
-def paper_settings(method: str, steps=None, step_size=None, momentum=None) -> dict:
-    """steps / step_size / momentum for an official model: the given ones, else the paper's."""
-    from .sampler import PAPER_SETTINGS
-
-    if method not in PAPER_SETTINGS:
-        raise EqmError(f"--sampler must be one of {', '.join(PAPER_SETTINGS)}, got {method!r}")
-    paper = PAPER_SETTINGS[method]
-    return dict(steps=paper["steps"] if steps is None else int(steps),
-                step_size=paper["step_size"] if step_size is None else float(step_size),
-                momentum=paper["momentum"] if momentum is None else float(momentum))
 
 
 def check_vae_fits(model, vae) -> None:
@@ -74,18 +64,18 @@ def check_vae_fits(model, vae) -> None:
 
 
 def generate_images(
-    model, *, num_samples: int, labels: Optional[torch.Tensor] = None, cfg_scale: float = 1.0,
-    guidance_channels: Optional[int] = None, method: str = "gd", steps: int, step_size: float,
-    momentum: float = 0.0, tol: Optional[float] = None, seed: int = 0, batch_size: Optional[int] = None,
-    vae=None, dtype: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
+    model, *, num_samples: int, labels: Optional[torch.Tensor] = None, settings: Optional[SamplerSettings] = None,
+    seed: int = 0, batch_size: Optional[int] = None, vae=None, dtype: Optional[str] = None,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> ImageGeneration:
     """Sample ``num_samples`` images (T = 1) with eqm.sampler.sample and decode them with ``vae``;
-    ``dtype`` "bf16"/"fp16" runs the model under CUDA autocast (as eqm.generate.generate)."""
-    from .generate import _autocast, sample_noise
+    settings not chosen take the paper's (PAPER_SETTINGS); ``dtype`` "bf16"/"fp16" runs the model
+    under CUDA autocast (as eqm.generate.generate)."""
+    from .generate import _autocast, check_batch_options, sample_noise
     from .sampler import sample
 
-    if num_samples < 1 or (batch_size is not None and batch_size < 1):
-        raise EqmError(f"--num-samples and --batch-size must be at least 1, got {num_samples} and {batch_size}")
+    settings = (settings or SamplerSettings()).resolved(PAPER_SETTINGS)
+    check_batch_options(num_samples, batch_size)
     check_vae_fits(model, vae)
     device = next(model.parameters()).device
     H, W = model.config.input_size
@@ -96,11 +86,10 @@ def generate_images(
         stop = min(num_samples, start + bs)
         y = None if labels is None else labels[start:stop].to(device)
         with _autocast(device, dtype):
-            res = sample(model, noise[start:stop].to(device), None, y, method=method, steps=steps, step_size=step_size,
-                         momentum=momentum, cfg_scale=cfg_scale, guidance_channels=guidance_channels, tol=tol)
+            res = sample(model, noise[start:stop].to(device), None, y, settings)
         x = res.x.float()
         if not torch.isfinite(x).all():
-            raise NonFiniteError(f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size")
+            raise NonFiniteError(f"sampling diverged (non-finite values) with step_size {settings.step_size}; try a smaller step_size")
         latents.append(x.cpu())
         images.append(x.clamp(-1, 1).cpu() if vae is None else vae.decode(x.unsqueeze(2)).squeeze(2))
         evals.append(res.evals.cpu())
@@ -109,9 +98,7 @@ def generate_images(
             progress(stop)
     return ImageGeneration(
         images=torch.cat(images), latents=None if vae is None else torch.cat(latents), labels=labels,
-        evals=torch.cat(evals), final_rms=torch.cat(rms),
-        settings=dict(method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol, cfg_scale=cfg_scale,
-                      guidance_channels=guidance_channels, seed=seed),
+        evals=torch.cat(evals), final_rms=torch.cat(rms), settings=settings, seed=seed,
     )
 
 
@@ -137,7 +124,7 @@ def write_images(gen: ImageGeneration, out_dir, *, prefix: str = "image", grid: 
     grid_path = write_grid_png(out_dir / f"{prefix}_grid.png", grid_rows(gen.images)) if grid else None
     labels = [None] * len(files) if gen.labels is None else [int(v) for v in gen.labels]
     doc = {
-        "settings": gen.settings, **(meta or {}),
+        "settings": {**gen.settings.to_dict(), "seed": gen.seed}, **(meta or {}),
         "images": [{"file": f.name, "label": lab,
                     "class": class_names[lab] if lab is not None and lab < len(class_names) else None,
                     "evals": int(e), "final_rms": float(r)}
@@ -151,14 +138,14 @@ def write_images(gen: ImageGeneration, out_dir, *, prefix: str = "image", grid: 
 
 def sample_official(
     ckpt, out_dir, *, weights: str = "ema", vae_path=None, num_samples: int = 8, labels: Optional[str] = None,
-    cfg_scale: float = 1.0, guidance_channels: Optional[int] = None, method: str = "gd", steps=None,
-    step_size=None, momentum=None, tol: Optional[float] = None, seed: int = 0, batch_size: Optional[int] = None,
+    settings: Optional[SamplerSettings] = None, seed: int = 0, batch_size: Optional[int] = None,
     device="cpu", dtype: Optional[str] = None, grid: bool = True, progress: Optional[Callable[[int], None]] = None,
 ):
     """What `eqmctl sample --ckpt official.pt` does: load, sample, decode, write.
 
     Returns ``(summary, generation, loaded)``; ``loaded`` is the eqm.official.LoadedWeights (its
     ``notes`` are remarks for the user).  labels: "207,360" or None (all classes in turn).
+    settings: the sampler; what is not chosen takes the paper's settings, guidance 1.
     """
     from .generate import parse_labels
     from .official import load_official_model
@@ -171,10 +158,11 @@ def sample_official(
         vae = load_vae(vae_path, device=device)
     check_vae_fits(model, vae)
     y = parse_labels(labels, model.config.num_classes, num_samples)
-    settings = paper_settings(method, steps, step_size, momentum)
-    gen = generate_images(model, num_samples=num_samples, labels=y, cfg_scale=cfg_scale if y is not None else 1.0,
-                          guidance_channels=guidance_channels, method=method, tol=tol, seed=seed,
-                          batch_size=batch_size, vae=vae, dtype=dtype, progress=progress, **settings)
+    settings = (settings or SamplerSettings()).with_default_guidance(1.0)
+    if y is None:
+        settings = replace(settings, cfg_scale=1.0)  # an unconditional model has nothing to guide
+    gen = generate_images(model, num_samples=num_samples, labels=y, settings=settings, seed=seed,
+                          batch_size=batch_size, vae=vae, dtype=dtype, progress=progress)
     meta = {"checkpoint": str(ckpt), "weights": loaded.weights, "args": {k: str(v) for k, v in loaded.args.items()},
             "vae": None if vae is None else vae.identity.to_dict()}
     return write_images(gen, out_dir, grid=grid, meta=meta), gen, loaded

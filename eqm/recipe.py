@@ -40,10 +40,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import EqmError, brief
+from .errors import EqmError, ParamError, brief
 
 if typing.TYPE_CHECKING:
-    from .config import ConfigError, EqMConfig
+    from .config import EqMConfig, SamplerSettings
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = None):
@@ -89,7 +89,7 @@ class TimeConfig:
 class ModelConfig:
     """The EqM transformer (eqm.model.EqMTransformer).  Frame size and count come from `data`."""
 
-    size: str = _f("tiny", "size from eqm.model.EQM_SIZES: tiny, mini (CPU), S, B, L, XL (EqM family)")
+    size: str = _f("tiny", "size from eqm.config.EQM_SIZES: tiny, mini (CPU), S, B, L, XL (EqM family)")
     patch_size: int = _f(2, "spatial patch size p (DiT '/2' = 2); must divide data.height and data.width")
     temporal_patch: int = _f(1, "frames per token p_t; must divide data.num_frames; 1 keeps image weights usable")
     pos: Literal["sincos", "rope"] = _f(
@@ -225,14 +225,21 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampler defaults for previews and `eqmctl sample` (eqm.sampler.sample); null = measured default."""
+    """Sampler settings of previews (eqm.config.SamplerSettings, field by field); null = the method's
+    measured default (eqm.config.SMALL_MODEL_SETTINGS).  `eqmctl sample` takes cfg_scale from here."""
 
     method: Literal["gd", "nag"] = _f("gd", "gd (x += eta f) or nag (Nesterov look-ahead with momentum)")
-    steps: Optional[int] = _f(None, "maximum sampler steps; null = eqm.sampler default for the method")
-    step_size: Optional[float] = _f(None, "eta; null = eqm.sampler default for the method")
-    momentum: Optional[float] = _f(None, "NAG momentum mu; null = eqm.sampler default (0.3)")
+    steps: Optional[int] = _f(None, "maximum sampler steps; null = the method's default")
+    step_size: Optional[float] = _f(None, "eta; null = the method's default")
+    momentum: Optional[float] = _f(None, "NAG momentum mu; null = the method's default (nag 0.3)")
     tol: Optional[float] = _f(None, "adaptive stop when a sample's gradient RMS falls below tol; null = run all steps")
     cfg_scale: float = _f(1.0, "classifier-free guidance scale (1 = off)")
+    guidance_channels: Optional[int] = _f(
+        None, "guide only the first N channels, the rest follow the conditional field (3: the official EqM sampler); null = all"
+    )
+    cfg_every: Optional[int] = _f(
+        None, "with guidance, run the null-label pass every N-th step and reuse its guidance term in between; null = 1 (every step)"
+    )
 
 
 @dataclass
@@ -279,15 +286,28 @@ class Recipe:
         the recipe says null), ``shape`` (C, T, H, W) of the model's input (default: the pixels of
         ``data``; in latent space eqm.latent.model_input_shape) and ``fixed`` (e.g. a resumed
         checkpoint's ``time_order``).  Raises EqmError naming the recipe key at fault."""
-        from .config import ConfigError, EqMConfig
+        from .config import EqMConfig
 
         C, T, H, W = shape or (3, self.data.num_frames, self.data.height, self.data.width)
         values = {f: v for f, key in ARCH_KEYS.items() if key is not None and (v := self.get(key)) is not None}
         values.update(in_channels=C, num_frames=T, input_size=(H, W), num_classes=num_classes, **fixed)
         try:
             return EqMConfig.from_size(self.model.size, **values)
-        except ConfigError as e:
+        except ParamError as e:
             raise EqmError(_recipe_terms(e)) from None
+
+    def sampler_settings(self) -> "SamplerSettings":
+        """The :class:`~eqm.config.SamplerSettings` of the ``sample`` section (same field names;
+        null = the method's measured default, except tol: null runs every step).  Raises EqmError
+        naming the ``sample.*`` key."""
+        from .config import SamplerSettings
+
+        values = {f: getattr(self.sample, f) for f in SamplerSettings.field_names()}
+        values["tol"] = values["tol"] or 0.0  # sample.tol null: run every step
+        try:
+            return SamplerSettings(**values)
+        except ParamError as e:
+            raise EqmError(f"sample.{e}") from None  # fields and sample.* keys share their names
 
 
 #: The recipe key of every EqMConfig field (None: not set from a recipe key).  A new model option
@@ -316,10 +336,10 @@ _FIELD_KEYS = {**{f: k for f, k in ARCH_KEYS.items() if k}, "input_size": "data.
                "num_frames": "data.num_frames", "num_classes": "model.num_classes", "size": "model.size"}
 
 
-def _recipe_terms(e: "ConfigError") -> str:
+def _recipe_terms(e: ParamError) -> str:
     """An EqMConfig message, which starts with the field name, restated with the recipe key."""
-    text, key = str(e), _FIELD_KEYS.get(e.field)
-    return key + text[len(e.field):] if key and text.startswith(e.field) else text
+    text, key = str(e), _FIELD_KEYS.get(e.param)
+    return key + text[len(e.param):] if key and text.startswith(e.param) else text
 
 
 # ============================================================================================
@@ -590,20 +610,16 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
 
     parse_fps(tr.preview_fps, name=f"{where}: train.preview_fps")  # raises naming the key
     # sample
-    need(s.steps is None or s.steps >= 1, "sample.steps", "must be >= 1 or null")
-    need(s.step_size is None or s.step_size > 0, "sample.step_size", "must be > 0 or null")
-    need(s.momentum is None or 0 <= s.momentum < 1, "sample.momentum", "must be in [0, 1) or null")
-    need(s.tol is None or s.tol >= 0, "sample.tol", "must be >= 0 or null")
-    need(s.cfg_scale >= 0, "sample.cfg_scale", "must be >= 0")
     if s.cfg_scale != 1.0:
         need(m.num_classes != 0, "sample.cfg_scale", "must be 1 for an unconditional model (model.num_classes: 0)")
-    # model: the architecture checks itself (EqMConfig); with num_classes null (the dataset's) any
-    # count fits.  In latent space the input shape is the latents' (checked when the model is built
-    # from them): a one-token stand-in lets every other field be checked now.
+    # model and sampler check themselves (EqMConfig, SamplerSettings); with num_classes null (the
+    # dataset's) any count fits.  In latent space the input shape is the latents' (checked when the
+    # model is built from them): a one-token stand-in lets every other field be checked now.
     latent = recipe.vae.path is not None or d.source == "latents"
     stand_in = (1, m.temporal_patch, m.patch_size, m.patch_size) if latent else None
     try:
         recipe.model_config(num_classes=m.num_classes or 0, shape=stand_in)
+        recipe.sampler_settings()
     except EqmError as e:
         raise EqmError(f"{where}: {e}") from None
     return recipe

@@ -21,8 +21,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import EqmError
-from .timebase import format_fps, is_variable_rate, parse_fps
+from .config import SamplerSettings
+from .errors import EqmError, ParamError
+from .timebase import format_fps, frames_for_duration, is_variable_rate, parse_fps
 
 MODES = ("resample", "speed", "model")
 
@@ -108,17 +109,6 @@ def output_times(num_frames: int, fps) -> np.ndarray:
     return np.arange(int(num_frames), dtype=np.float64) * (fps.denominator / fps.numerator)
 
 
-def output_frame_count(duration, fps) -> int:
-    """Frames covering ``duration`` seconds at ``fps``: round(duration * fps), at least 1.
-
-    ``duration`` may be a Fraction (exact for constant-rate inputs: n / fps_in); halves round up.
-    """
-    d = duration if isinstance(duration, Fraction) else Fraction(float(duration)).limit_denominator(10**6)
-    if d <= 0:
-        raise EqmError(f"duration must be positive, got {float(d)} s")
-    return max(1, math.floor(d * _rate(fps) + Fraction(1, 2)))
-
-
 def video_duration(pts, fps=None, *, last_duration: Optional[float] = None):
     """Playing time of a video whose frames are shown at ``pts`` (seconds from the first frame).
 
@@ -188,7 +178,7 @@ def resample_frames(frames: np.ndarray, pts, fps, *, duration=None, blend: bool 
     fps = _rate(fps)
     if duration is None:
         duration, _ = video_duration(pts, None, last_duration=None if len(pts) > 1 else 1.0 / float(fps))
-    n = output_frame_count(duration, fps)
+    n = frames_for_duration(duration, fps)
     _check_memory(n, frames.shape[1:])
     times = output_times(n, fps)
     i0, i1, w = resample_indices(pts, times, blend=blend)
@@ -219,10 +209,10 @@ def model_slots(pts, fps_out, *, vfr: bool, fps_in=None):
     # Collisions first: a lower rate is the commonest cause and deserves the clearer message.
     if len(slots) > 1 and np.any(np.diff(slots) <= 0):
         where = int(np.nonzero(np.diff(slots) <= 0)[0][0])
-        raise EqmError(
-            f"--mode model adds frames, it cannot drop any: at {format_fps(fps_out)} fps original frames "
-            f"{where} and {where + 1} ({pts[where]:.4f} s, {pts[where + 1]:.4f} s) fall on the same output frame; "
-            "use a higher --fps, or --mode resample to lower the rate"
+        raise ParamError(
+            "fps", f"fps {format_fps(fps_out)} is too low for mode 'model', which adds frames and cannot drop any: "
+            f"original frames {where} and {where + 1} ({pts[where]:.4f} s, {pts[where + 1]:.4f} s) fall on the same "
+            "output frame; use a higher rate, or mode 'resample' to lower it"
         )
     notices = []
     if off.max(initial=0.0) > SLOT_TOLERANCE:
@@ -235,9 +225,9 @@ def model_slots(pts, fps_out, *, vfr: bool, fps_in=None):
                 k = max(1, math.floor(fps_out / rate))
                 hint = f" (e.g. {format_fps(rate * k)} or {format_fps(rate * (k + 1))})"
             src = format_fps(rate) if rate else "the input rate"
-            raise EqmError(
-                f"--mode model keeps every original frame, so --fps must be a whole multiple of the input rate "
-                f"{src}{hint}; use --mode resample for {format_fps(fps_out)} fps"
+            raise ParamError(
+                "fps", f"fps must be a whole multiple of the input rate {src}{hint} for mode 'model', which keeps "
+                f"every original frame; use mode 'resample' for {format_fps(fps_out)} fps"
             )
         shift_ms = off.max() / float(fps_out) * 1000
         notices.append(
@@ -271,15 +261,15 @@ def plan_windows(slots, num_out: int, length: int) -> list:
     """
     slots = np.asarray(slots, dtype=np.int64)
     if length < 2:
-        raise EqmError(f"--window must be at least 2 frames, got {length}")
+        raise ParamError("window", f"window must be at least 2 frames, got {length}")
     if slots.size == 0 or slots[0] != 0:
         raise EqmError("the first original frame must sit on output slot 0")
     gaps = np.diff(slots)
     if gaps.size and gaps.max() >= length:
         g = int(gaps.max())
-        raise EqmError(
-            f"--window {length} is too short: original frames are {g} output frames apart, so a window needs "
-            f"at least {g + 1} frames to hold two of them (raise --window or lower --fps)"
+        raise ParamError(
+            "window", f"window {length} is too short: original frames are {g} output frames apart, so a window "
+            f"needs at least {g + 1} frames to hold two of them (a longer window or a lower fps)"
         )
     wins: list[Window] = []
     s = 0
@@ -329,11 +319,7 @@ def interpolate_frames(
     fps_in=None,
     window: Optional[int] = None,
     label: Optional[int] = None,
-    method: str = "gd",
-    steps: Optional[int] = None,
-    step_size: Optional[float] = None,
-    momentum: Optional[float] = None,
-    tol: Optional[float] = None,
+    settings: Optional[SamplerSettings] = None,
     seed: int = 0,
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
@@ -349,10 +335,11 @@ def interpolate_frames(
     the error message when a constant-rate input does not fit the new grid).  window: output
     frames per model call (default model.config.num_frames, widened with a notice when originals are
     further apart; a multiple of the model's temporal patch).  label: class id for a
-    class-conditional model (None: the null label, i.e. unconditional).  Sampler options as in
-    :func:`eqm.sampler.sample`.  progress(done, total) is called after each window batch.
-    vae: the per-frame VAE (eqm.vae.Vae) of a latent-space model: originals are encoded and
-    clamped in latent space, in-betweens decoded (:func:`check_retime_vae` says which VAEs work).
+    class-conditional model (None: the null label, i.e. unconditional).  settings: the sampler
+    (default ``SamplerSettings()``; guidance not chosen = none).  progress(done, total) is called
+    after each window batch.  vae: the per-frame VAE (eqm.vae.Vae) of a latent-space model:
+    originals are encoded and clamped in latent space, in-betweens decoded (:func:`check_retime_vae`
+    says which VAEs work).
     """
     import torch
 
@@ -366,31 +353,32 @@ def interpolate_frames(
     if pts.shape != (frames.shape[0],):
         raise EqmError(f"need one pts per frame: {frames.shape[0]} frames, pts shape {tuple(pts.shape)}")
     fps = _rate(fps)
+    settings = (settings or SamplerSettings()).with_default_guidance(1.0)
     check_retime_vae(model, vae)
     tp = int(model.config.temporal_patch)
     if window is not None and (isinstance(window, bool) or int(window) != window):
-        raise EqmError(f"--window must be a whole number of frames, got {window!r}")
+        raise ParamError("window", f"window must be a whole number of frames, got {window!r}")
     L = int(model.config.num_frames if window is None else window)
     if L < 2:
-        raise EqmError(f"--window must be at least 2 frames, got {L}")
+        raise ParamError("window", f"window must be at least 2 frames, got {L}")
     if L % tp:
-        raise EqmError(f"--window {L} must be a multiple of the model's temporal patch ({tp} frames)")
+        raise ParamError("window", f"window {L} must be a multiple of the model's temporal patch ({tp} frames)")
     if label is not None:
         if model.config.num_classes <= 0:
-            raise EqmError("--label given but the model was trained without classes")
+            raise ParamError("label", "label given but the model was trained without classes")
         if not 0 <= int(label) < model.config.num_classes:
-            raise EqmError(
-                f"--label {label} is out of range: the model has {model.config.num_classes} classes (0..{model.config.num_classes - 1})"
+            raise ParamError(
+                "label", f"label {label} is out of range: the model has {model.config.num_classes} classes (0..{model.config.num_classes - 1})"
             )
     if batch_size is not None and batch_size < 1:
-        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
+        raise ParamError("batch_size", f"batch_size must be >= 1, got {batch_size}")
 
     if vfr is None:
         vfr = is_variable_rate(pts)
     if duration is None:
         duration, _ = video_duration(pts, fps_in)
     slots, notices = model_slots(pts, fps, vfr=vfr, fps_in=fps_in)
-    n_out = max(output_frame_count(duration, fps), int(slots[-1]) + 1)
+    n_out = max(frames_for_duration(duration, fps), int(slots[-1]) + 1)
     H, W = frames.shape[1:3]
     _check_memory(n_out, frames.shape[1:])
     if model.config.time_mode == "index":
@@ -454,14 +442,12 @@ def interpolate_frames(
         n = len(group)
         y = None if y_all is None else y_all[group].to(device)
         with _autocast(device, dtype):
-            res = sample(
-                model, noise[group].to(device), ts.expand(n, -1), y, method=method, steps=steps,
-                step_size=step_size, momentum=momentum, tol=tol, known=known.to(device), known_mask=mask.to(device),
-            )
+            res = sample(model, noise[group].to(device), ts.expand(n, -1), y, settings,
+                         known=known.to(device), known_mask=mask.to(device))
         x = res.x.float().cpu()
         if not torch.isfinite(x).all():
             raise EqmError(
-                f"sampling diverged (non-finite values) with step size {step_size}; try a smaller --step-size", exit_code=1
+                f"sampling diverged (non-finite values) with step_size {settings.step_size}; try a smaller step_size", exit_code=1
             )
         if vae is None:
             x = x.clamp(-1, 1)
@@ -518,9 +504,9 @@ def check_paths(src, dst) -> tuple[Path, Path]:
 
     s, d = Path(src), Path(dst)
     if d.suffix.lower() not in WRITE_FORMATS:
-        raise EqmError(f"--out {d}: unknown video format {d.suffix or '(no suffix)'!r}; use one of {', '.join(WRITE_FORMATS)}")
+        raise EqmError(f"output {d}: unknown video format {d.suffix or '(no suffix)'!r}; use one of {', '.join(WRITE_FORMATS)}")
     if d.is_dir():
-        raise EqmError(f"--out {d} is a folder; give a file name like {d / (s.stem + '_retimed.mp4')}")
+        raise EqmError(f"output {d} is a folder; give a file name like {d / (s.stem + '_retimed.mp4')}")
     same = s.resolve() == d.resolve()
     if not same and s.exists() and d.exists():
         try:
@@ -528,7 +514,7 @@ def check_paths(src, dst) -> tuple[Path, Path]:
         except OSError:
             same = False
     if same:
-        raise EqmError(f"--out {d} is the input file; retime never overwrites its input, choose another name")
+        raise EqmError(f"output {d} is the input file; retime never overwrites its input, choose another name")
     return s, d
 
 
@@ -544,11 +530,7 @@ def retime_video(
     codec: Optional[str] = None,
     window: Optional[int] = None,
     label: Optional[int] = None,
-    method: str = "gd",
-    steps: Optional[int] = None,
-    step_size: Optional[float] = None,
-    momentum: Optional[float] = None,
-    tol: Optional[float] = None,
+    settings: Optional[SamplerSettings] = None,
     seed: int = 0,
     batch_size: Optional[int] = None,
     dtype: Optional[str] = None,
@@ -558,7 +540,7 @@ def retime_video(
     """Read ``src`` (any file PyAV decodes), change its rate to ``fps`` by ``mode`` and write ``dst``.
 
     mode: "resample" (``blend`` for linear blending), "speed", or "model" (needs ``model``, an
-    EqMTransformer; window / label / sampler options and a latent model's ``vae`` go to
+    EqMTransformer; window / label / settings and a latent model's ``vae`` go to
     :func:`interpolate_frames`).
     The output format follows dst's suffix (.mp4 / .mkv / .gif); crf / codec go to the writer.
     Audio is dropped with a notice.  Raises EqmError (exit code 2) for bad input before writing
@@ -567,10 +549,10 @@ def retime_video(
     from .video.io import read_video, write_video
 
     if mode not in MODES:
-        raise EqmError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    fps_out = parse_fps(fps, name="--fps")
+        raise ParamError("mode", f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    fps_out = _rate(fps)
     if mode == "model" and model is None:
-        raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH")
+        raise ParamError("model", "model is needed for mode 'model' (a trained EqMTransformer, e.g. from eqm.checkpoint.load_model)")
     if mode == "model":
         check_retime_vae(model, vae)  # before reading the input: a refusal costs nothing
     src, dst = check_paths(src, dst)
@@ -589,7 +571,7 @@ def retime_video(
     else:
         res = interpolate_frames(
             model, video.frames, video.pts, fps_out, duration=duration_in, vfr=vfr, fps_in=fps_in, window=window,
-            label=label, method=method, steps=steps, step_size=step_size, momentum=momentum, tol=tol, seed=seed,
+            label=label, settings=settings, seed=seed,
             batch_size=batch_size, dtype=dtype, progress=progress, vae=vae,
         )
         out = res.frames

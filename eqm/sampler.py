@@ -19,8 +19,9 @@ reset to it after every step; their gradient is zeroed so they do not feed NAG m
 not count towards the RMS.
 
 Positional encodings are built once per run (``model.positions``) and passed to every call.
-Step sizes: the paper's (PAPER_SETTINGS, for large latent models) and ours for small pixel-space
-models (SMALL_MODEL_SETTINGS, the default); how ours were measured: docs/sampler.md.
+Step sizes: the paper's (eqm.config.PAPER_SETTINGS, for large latent models) and ours for small
+pixel-space models (SMALL_MODEL_SETTINGS, the default); :class:`eqm.config.SamplerSettings` holds
+the settings of a run; how ours were measured: docs/sampler.md.
 """
 
 from __future__ import annotations
@@ -30,34 +31,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .config import SamplerSettings
 from .embed import check_timestamps
-from .errors import EqmError, NonFiniteError
-
-METHODS = ("gd", "nag")
-
-#: The paper's large-image-model settings, for reference and reproduction.
-PAPER_SETTINGS = {
-    "gd": dict(steps=250, step_size=0.003, momentum=0.0, tol=None),
-    "nag": dict(steps=250, step_size=0.0017, momentum=0.3, tol=None),
-}
-
-#: Measured small pixel-model defaults (docs/sampler.md).
-SMALL_MODEL_SETTINGS = {
-    "gd": dict(steps=40, step_size=0.03, momentum=0.0, tol=0.01),
-    "nag": dict(steps=30, step_size=0.02, momentum=0.3, tol=0.01),
-}
-
-
-def default_sampler_settings(method: str = "gd") -> dict:
-    """Measured defaults for small pixel-space models: {steps, step_size, momentum, tol} (a fresh dict).
-
-    ``sample`` fills steps / step_size / momentum from here when they are not given; tol is the
-    recommended adaptive tolerance for callers (CLI) that want early stopping.
-    """
-    if method not in METHODS:
-        raise EqmError(f"sampler method must be one of {', '.join(METHODS)}, got {method!r}")
-    return dict(SMALL_MODEL_SETTINGS[method])
-
+from .errors import EqmError, NonFiniteError, ParamError
 
 @dataclass
 class SampleOutput:
@@ -100,15 +76,8 @@ def sample(
     shape_or_noise: Union[Sequence[int], torch.Tensor],
     timestamps: Optional[torch.Tensor] = None,
     y: Optional[torch.Tensor] = None,
+    settings: Optional[SamplerSettings] = None,
     *,
-    method: str = "gd",
-    steps: Optional[int] = None,
-    step_size: Optional[float] = None,
-    momentum: Optional[float] = None,
-    cfg_scale: float = 1.0,
-    guidance_channels: Optional[int] = None,
-    cfg_every: int = 1,
-    tol: Optional[float] = None,
     known: Optional[torch.Tensor] = None,
     known_mask: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -118,25 +87,18 @@ def sample(
 
     shape_or_noise: the output shape (noise drawn with ``generator``, then moved to the model's
     device) or the starting tensor.  timestamps: (B, T) or (T,) seconds (None: frame-index positions).
-    y: (B,) labels or None (null label).  guidance_channels: guide only the first n channels
-    (the official code's 3), the rest follow f_c; None = all.  steps / step_size / momentum default to
-    :func:`default_sampler_settings`.  tol: adaptive stop on the per-sample gradient RMS.
-    cfg_every: with guidance, the null-label pass runs on every cfg_every-th step (the first
-    included) and the other steps reuse the last guidance term (f_c - f_u): one model pass per
-    step instead of two on those steps.
+    y: (B,) labels or None (null label).  settings: method, steps, step size, momentum, adaptive
+    tol, guidance scale and channels (default ``SamplerSettings()``; what is not chosen takes the
+    measured small-model defaults, :meth:`eqm.config.SamplerSettings.resolved`).
+    With guidance, the null-label pass runs on every ``cfg_every``-th step (the first included)
+    and the other steps reuse the last guidance term (f_c - f_u): one model pass instead of two.
     known (B, C, T, H, W) and known_mask (B, T) bool: frames to clamp.
     callback(step, x, rms, active) is called after every step (rms (B,): last RMS per sample).
     """
-    settings = default_sampler_settings(method)
-    steps = settings["steps"] if steps is None else int(steps)
-    eta = settings["step_size"] if step_size is None else float(step_size)
-    mu = settings["momentum"] if momentum is None else float(momentum)
-    if steps < 1 or eta <= 0:
-        raise EqmError(f"sampler needs steps >= 1 and step_size > 0, got steps={steps}, step_size={eta}")
-    if tol is not None and tol < 0:
-        raise EqmError(f"sampler tol must be >= 0, got {tol}")
-    if isinstance(cfg_every, bool) or int(cfg_every) != cfg_every or cfg_every < 1:
-        raise EqmError(f"sampler cfg_every must be a positive integer, got {cfg_every!r}")
+    settings = (settings or SamplerSettings()).resolved()
+    method, steps, eta, mu = settings.method, settings.steps, settings.step_size, settings.momentum
+    tol, cfg_scale, guidance_channels = settings.stop_tol, settings.guidance, settings.guidance_channels
+    cfg_every = settings.cfg_every
 
     device = _model_device(model)
     if torch.is_tensor(shape_or_noise):
@@ -159,7 +121,7 @@ def sample(
             raise EqmError(f"labels have batch {y.shape[0]} but {B} samples were requested")
     guided = cfg_scale != 1.0
     if guidance_channels is not None and not 1 <= int(guidance_channels) <= x.shape[1]:
-        raise EqmError(f"guidance_channels must be between 1 and the model's {x.shape[1]} channels, got {guidance_channels}")
+        raise ParamError("guidance_channels", f"guidance_channels must be between 1 and the model's {x.shape[1]} channels, got {guidance_channels}")
     if guided and y is None:
         raise EqmError("classifier-free guidance (cfg_scale != 1) needs class labels")
 

@@ -1,8 +1,13 @@
 """Frame rates as exact fractions, timestamps in seconds, and unit conversion.
 
 Frame rates are `fractions.Fraction` everywhere a rate is stored or written: NTSC rates are
-30000/1001 etc., never 29.97 as a float. Timestamps are float tensors of seconds relative to a
-clip's first frame, shape (T,) or (B, T).
+30000/1001 etc., never 29.97 as a float.  A rate is parsed once where it enters (a CLI option, a
+recipe, a file header: :func:`parse_fps`) and travels as a Fraction from there.  Three spellings,
+one for each reader: :func:`format_fps` for people ("30000/1001 (29.970)"), :func:`fps_tag` for
+file names ("29.97"), and ``str(fps)`` (Fraction's own, "30000/1001") for JSON, which
+:func:`parse_fps` reads back exactly.  :func:`frames_for_duration` is the one rule that turns
+seconds into a frame count.  Timestamps are float tensors of seconds relative to a clip's first
+frame, shape (T,) or (B, T).
 """
 
 from __future__ import annotations
@@ -76,12 +81,20 @@ def parse_fps(value: str | int | float | Fraction, *, name: str = "fps", max_fps
     return fps
 
 
-def format_fps(fps: Fraction | float) -> str:
-    """'30000/1001 (29.970)' for non-integer rates, '30' for integer ones."""
-    fps = Fraction(fps) if not isinstance(fps, Fraction) else fps
+def format_fps(fps: Fraction) -> str:
+    """For people: '30000/1001 (29.970)' for non-integer rates, '30' for integer ones."""
+    fps = Fraction(fps)
     if fps.denominator == 1:
         return str(fps.numerator)
     return f"{fps.numerator}/{fps.denominator} ({float(fps):.3f})"
+
+
+def fps_tag(fps: Fraction) -> str:
+    """For file names: 24 -> '24', 30000/1001 -> '29.97', 24000/1001 -> '23.976' (no slash, no spaces)."""
+    fps = Fraction(fps)
+    if fps.denominator == 1:
+        return str(fps.numerator)
+    return f"{float(fps):.3f}".rstrip("0").rstrip(".")
 
 
 def uniform_timestamps(num_frames: int, fps: Fraction | float, *, device=None, dtype=None):
@@ -100,11 +113,24 @@ def uniform_timestamps(num_frames: int, fps: Fraction | float, *, device=None, d
     return t.to(dtype or torch.get_default_dtype())
 
 
-def frames_for_duration(seconds: float, fps: Fraction | float) -> int:
-    """Number of frames covering `seconds` at `fps` (at least 1): round(seconds * fps)."""
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise EqmError(f"duration must be a positive number of seconds, got {seconds!r}")
-    return max(1, round(Fraction(seconds).limit_denominator(10**6) * Fraction(fps)))
+def frames_for_duration(seconds: float | Fraction, fps: Fraction) -> int:
+    """The frame count of ``seconds`` at ``fps``: seconds * fps rounded half up, at least 1.
+
+    The one rule for every clip length (sampling, retiming, plots): 0.25 s at 10 fps is 3
+    frames.  Half up rather than Python's half-to-even, whose result for an exact half depends on
+    the parity of the count (2.5 -> 2 but 3.5 -> 4).  A float duration is read as the nearest
+    fraction with a denominator up to 10^6, so 0.1 s is exactly 1/10 s; a Fraction (a constant-
+    rate video's n / fps_in) is used as it is.
+    """
+    if isinstance(seconds, Fraction):
+        d = seconds
+    else:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+            raise EqmError(f"duration must be a positive number of seconds, got {seconds!r}")
+        d = Fraction(seconds).limit_denominator(10**6)
+    if d <= 0:
+        raise EqmError(f"duration must be a positive number of seconds, got {float(d)!r}")
+    return max(1, math.floor(d * Fraction(fps) + Fraction(1, 2)))
 
 
 def mean_rate(pts: Sequence[float]) -> float | None:

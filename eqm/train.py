@@ -13,6 +13,7 @@ whole run.  Each design point and its reason: docs/design.md#training-loop.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -530,7 +531,7 @@ def write_preview(model, recipe: Recipe, path: Path, device, space=None) -> Path
     from .vae import plan_latents
     from .video.io import write_video
 
-    t, s = recipe.train, recipe.sample
+    t = recipe.train
     fps = parse_fps(t.preview_fps, name="train.preview_fps")
     T = t.preview_frames or recipe.data.num_frames
     n = t.preview_samples
@@ -540,10 +541,10 @@ def write_preview(model, recipe: Recipe, path: Path, device, space=None) -> Path
     y = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes > 0 else None
     gen = torch.Generator().manual_seed(derive_seed(t.seed, "preview"))
     shape = (n, cfg.in_channels, plan.num_latents, *cfg.input_size)
-    out = sample(
-        model, shape, ts.expand(n, -1), y, method=s.method, steps=s.steps, step_size=s.step_size,
-        momentum=s.momentum, tol=s.tol, cfg_scale=s.cfg_scale if y is not None else 1.0, generator=gen,
-    )
+    settings = recipe.sampler_settings()
+    if y is None:
+        settings = dataclasses.replace(settings, cfg_scale=1.0)  # an unconditional model has nothing to guide
+    out = sample(model, shape, ts.expand(n, -1), y, settings, generator=gen)
     x = out.x.float()
     x = (space.decode(x) if space is not None else x).clamp(-1, 1).cpu()  # (n, 3, T, H, W)
     tiled = torch.cat(list(x), dim=-1)  # (C, T, H, n*W)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import sys
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -39,6 +40,24 @@ def os_error_line(e: OSError) -> str:
     return f"{what}: {' -> '.join(paths)}" if paths else f"{what} ({e})"
 
 
+#: Library parameters whose flag is not ``--`` + the name with dashes.
+FLAG_NAMES = {"method": "--sampler", "fmt": "--format", "out_dir": "--out", "guidance_channels": "--cfg-channels"}
+
+
+def flag_of(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def in_flag_terms(e) -> str:
+    """An EqmError's line; a ParamError (message starting with the parameter) says the flag instead."""
+    from eqm.errors import ParamError
+
+    text = str(e)
+    if isinstance(e, ParamError) and text.startswith(e.param):
+        return flag_of(e.param) + text[len(e.param):]
+    return text
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn every exception into one line and an exit code: EqmError its own (2 bad input, 1 the
@@ -49,7 +68,7 @@ def user_errors():
     try:
         yield
     except EqmError as e:
-        raise fail(str(e), e.exit_code) from None
+        raise fail(in_flag_terms(e), e.exit_code) from None
     except FileNotFoundError as e:
         raise fail(f"file not found: {e.filename or e}", 2) from None
     except OSError as e:
@@ -75,3 +94,58 @@ def warn(message: str) -> None:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+# --- sampler options: declared once, shared by every command that samples ------------------
+
+
+def _sampler_parameters(prefix: str, only, official: dict) -> list:
+    """The sampler flags as keyword parameters named like the SamplerSettings fields they set."""
+    import inspect
+
+    def opt(name, annotation, flag_help):
+        text = prefix + flag_help + official.get(name, "")
+        option = typer.Option(None, flag_of(name), help=text)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+    flags = [
+        opt("method", Optional[str], "gd (default), or nag (Nesterov-accelerated gradient descent)."),
+        opt("steps", Optional[int], "Maximum sampler steps (default: the measured setting of the sampler)."),
+        opt("step_size", Optional[float], "Step size eta (default: the measured setting of the sampler)."),
+        opt("momentum", Optional[float], "NAG momentum mu (default 0.3)."),
+        opt("tol", Optional[float], "Adaptive stop: a sample stops when the RMS of its gradient falls below this; 0 = always run all steps (default 0.01)."),
+        opt("cfg_scale", Optional[float], "Classifier-free guidance scale, 1 = off (default: the checkpoint recipe's sample.cfg_scale)."),
+        opt("guidance_channels", Optional[int], "Guide only the first N channels, the rest follow the conditional field: 3 reproduces the official EqM/DiT sampler exactly (default: all channels)."),
+        opt("cfg_every", Optional[int], "With guidance: run the null-label pass every N-th step and reuse its guidance term in between (default 1: every step)."),
+    ]
+    return [p for p in flags if only is None or p.name in only]
+
+
+def with_sampler_settings(prefix: str = "", *, only=None, official: Optional[dict] = None):
+    """Give a command the sampler flags and pass it ``settings``, one eqm.config.SamplerSettings
+    built from them (a flag not given is a field not chosen).  ``prefix`` starts each flag's help
+    text, ``official`` adds to some, ``only`` names the fields that get a flag.  SamplerSettings
+    checks the values (for Python callers too), so the flags carry no checks of their own: its
+    one-line error is restated with the flag's name."""
+    import functools
+    import inspect
+
+    def wrap(command):
+        sig = inspect.signature(command)
+        own = [p for p in sig.parameters.values() if p.name != "settings"]
+        flags = _sampler_parameters(prefix, only, official or {})
+        names = [p.name for p in flags]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            from eqm.config import SamplerSettings
+
+            with user_errors():
+                chosen = {name: kwargs.pop(name) for name in names}
+                kwargs["settings"] = SamplerSettings(**{k: v for k, v in chosen.items() if v is not None})
+            return command(**kwargs)
+
+        run.__signature__ = sig.replace(parameters=own + flags)
+        return run
+
+    return wrap

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from eqm.config import SamplerSettings
 from eqm.calibrate import calibrate, clip_speed, frame_pairs, measure_clips, measure_dataset
 from eqm.data.clips import ClipPolicy, VideoFolderDataset, synthetic_motion
 from eqm.data.pan import load_photo, pan_frames
@@ -158,7 +159,7 @@ def test_calibrate_measures_another_dataset_given_as_a_folder(random_run, tmp_pa
     """--data FOLDER: real files, cut with the checkpoint's clip policy and resized to the model's
     12 px (a 24 px pan at 19.7 px/s is 9.8 px/s there)."""
     root, true = _pan_dataset(tmp_path / "data", size=24, seconds=1.0, classes=("a", "b", "c"))
-    cal = calibrate(random_run, "24", data=root, samples=1, ref_clips=3, sampler={"steps": 1})
+    cal = calibrate(random_run, "24", data=root, samples=1, ref_clips=3, sampler=SamplerSettings(steps=1))
     assert cal.reference.data == f"folder {root}" and cal.reference.measured == 3
     assert abs(cal.reference.speed / (true * 12 / 24) - 1) < 0.1
 
@@ -207,7 +208,7 @@ def test_a_briefly_trained_index_model_speeds_up_with_the_rate(tmp_path):
     for mode in ("seconds", "index"):
         recipe = load_recipe("recipes/tiny-synthetic.yaml", TINY + [f"model.time.mode={mode}"])
         train(recipe, tmp_path / mode, log=lambda _l: None)
-        cal = calibrate(tmp_path / mode, "6,60", samples=4, ref_clips=16, cfg_scales="1", sampler={"tol": 0.01})
+        cal = calibrate(tmp_path / mode, "6,60", samples=4, ref_clips=16, cfg_scales="1", sampler=SamplerSettings(tol=0.01))
         lo, hi = (r.ratio for r in cal.results)
         growth[mode] = hi / lo
     print(f"speed ratio at 60 fps over 6 fps: {growth}")

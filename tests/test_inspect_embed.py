@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from eqm import checkpoint as C
 from eqm import embed as E
-from eqm.errors import EqmError
+from eqm.errors import EqmError, ParamError
 from eqm.inspect import (
     PLOT_FILES,
     EmbedView,
@@ -26,7 +26,7 @@ from eqm.inspect import (
     view_from_recipe,
     write_plots,
 )
-from eqm.config import ConfigError, EqMConfig
+from eqm.config import EqMConfig
 from eqm.model import EqMTransformer
 from eqmctl.cli import app
 
@@ -181,9 +181,9 @@ def test_bad_inputs_raise_one_line():
         inspect_embedding(EmbedView(), [24], compare=(24,))
     with pytest.raises(EqmError, match="seconds"):
         inspect_embedding(EmbedView(), [24], seconds=0)
-    with pytest.raises(ConfigError, match="time_frac"):
+    with pytest.raises(ParamError, match="time_frac"):
         EqMConfig(time_frac=0.7)
-    with pytest.raises(ConfigError, match="divisible"):
+    with pytest.raises(ParamError, match="divisible"):
         EqMConfig(hidden_size=100, num_heads=3)
 
 

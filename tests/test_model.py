@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eqm.errors import EqmError
-from eqm.config import EQM_SIZES, LEGACY_DEFAULTS, ConfigError, EqMConfig
+from eqm.errors import EqmError, ParamError
+from eqm.config import EQM_SIZES, LEGACY_DEFAULTS, EqMConfig
 from eqm.model import EqMTransformer
 from eqm.timebase import uniform_timestamps
 
@@ -273,9 +273,9 @@ def test_config_errors_name_the_field_in_library_terms():
         (dict(energy="none"), "energy must be None, 'dot' or 'l2'"),
     ]
     for kw, msg in cases:
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises(ParamError) as e:
             EqMConfig(**kw)
-        assert msg in str(e.value) and str(e.value).startswith(e.value.field), (kw, str(e.value))
+        assert msg in str(e.value) and str(e.value).startswith(e.value.param), (kw, str(e.value))
     with pytest.raises(EqmError, match="did you mean 'S'"):
         EqMConfig.from_size("s")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from eqm import checkpoint as C
 from eqm.adapt import adapt_state_dict, init_from
 from eqm.embed import sincos_grid_2d
 from eqm.errors import EqmError
-from eqm.config import EqMConfig
+from eqm.config import EqMConfig, SamplerSettings
 from eqm.model import EqMTransformer
 from eqm.official import load_official_model, load_weights_from, read_official
 
@@ -350,13 +351,13 @@ def test_cfg_channels_3_reproduces_the_official_guidance_exactly(official, mu):
     model, _ = load_official_model(path)
     z, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 5, 9])
     ref = official_reference(model, z, y, cfg_scale=4.0, eta=0.05, steps=4, mu=mu)
-    kw = dict(method="nag" if mu else "gd", steps=4, step_size=0.05, momentum=mu or 0.0, cfg_scale=4.0)
-    ours = sample(model, z, None, y, guidance_channels=3, **kw).x
+    kw = SamplerSettings(method="nag" if mu else "gd", steps=4, step_size=0.05, momentum=mu or 0.0, cfg_scale=4.0, tol=0)
+    ours = sample(model, z, None, y, replace(kw, guidance_channels=3)).x
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
-    default = sample(model, z, None, y, **kw).x  # ours guides all 4 channels: channel 3 differs
+    default = sample(model, z, None, y, kw).x  # ours guides all 4 channels: channel 3 differs
     assert torch.allclose(default[:, :3], ours[:, :3], atol=1e-1) and not torch.allclose(default[:, 3], ours[:, 3], atol=1e-5)
     with pytest.raises(EqmError, match="guidance_channels must be between 1 and the model's 4"):
-        sample(model, z, None, y, guidance_channels=5, **kw)
+        sample(model, z, None, y, replace(kw, guidance_channels=5))
 
 
 def test_sample_official_pt_writes_decoded_pngs_and_a_grid(official, tmp_path):
@@ -387,14 +388,16 @@ def test_sample_official_pt_writes_decoded_pngs_and_a_grid(official, tmp_path):
     assert doc["weights"] == "ema" and doc["args"]["model"] == "EqM-tiny/2" and doc["vae"]["class_name"] == "AutoencoderKL"
 
     # the library call behind it: the sampler's latents, decoded by the VAE
-    summary, gen, loaded = sample_official(path, tmp_path / "lib", vae_path=vae_dir, num_samples=2, steps=2, step_size=0.01)
+    summary, gen, loaded = sample_official(path, tmp_path / "lib", vae_path=vae_dir, num_samples=2,
+                                           settings=SamplerSettings(steps=2, step_size=0.01))
     model, _ = load_official_model(path)
     from eqm.generate import sample_noise
 
-    direct = sample(model, sample_noise(2, (4, 8, 8), 0), None, torch.tensor([0, 1]), steps=2, step_size=0.01).x
+    direct = sample(model, sample_noise(2, (4, 8, 8), 0), None, torch.tensor([0, 1]),
+                    SamplerSettings(steps=2, step_size=0.01, tol=0)).x  # the paper's: no adaptive stop
     assert torch.allclose(gen.latents, direct, atol=1e-6)
     assert torch.allclose(gen.images, load_vae(vae_dir).decode(direct.unsqueeze(2)).squeeze(2), atol=1e-5)
-    assert gen.settings["method"] == "gd" and loaded.weights == "ema"
+    assert gen.settings.method == "gd" and gen.settings.tol == 0 and loaded.weights == "ema"
 
 
 def test_sample_official_errors_are_one_line(official, tmp_path):

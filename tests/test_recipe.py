@@ -87,6 +87,21 @@ def test_recipe_builds_the_model_config_from_its_keys():
     assert (latent.in_channels, latent.num_frames, latent.input_size) == (4, 3, (8, 8))
 
 
+def test_recipe_sample_section_is_the_sampler_settings():
+    """sample.* keys are SamplerSettings fields by name (a new sampler option is a field in both);
+    null takes the method's measured default, except tol, where null runs every step."""
+    import dataclasses
+
+    from eqm.config import SamplerSettings
+    from eqm.recipe import SampleConfig
+
+    assert [f.name for f in dataclasses.fields(SampleConfig)] == SamplerSettings.field_names()
+    r = recipe_from_dict({"sample": {"method": "nag", "steps": 7, "cfg_scale": 2.0, "guidance_channels": 3}})
+    assert r.sampler_settings() == SamplerSettings("nag", steps=7, tol=0.0, cfg_scale=2.0, guidance_channels=3)
+    with pytest.raises(EqmError, match=r"sample.steps must be an integer >= 1"):
+        recipe_from_dict({"sample": {"steps": 0}})
+
+
 def test_every_field_is_documented():
     rows = schema_lines()
     assert len(rows) > 50

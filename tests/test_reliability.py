@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from eqm import checkpoint as C
 from eqm.errors import EqmError
-from eqm.config import EqMConfig
+from eqm.config import EqMConfig, SamplerSettings
 from eqm.model import EqMTransformer
 from eqm.video.io import write_video
 from eqm.video.probe import read_manifest, write_manifest
@@ -154,7 +154,7 @@ def test_overflowing_model_is_an_error_not_converged(tmp_path):
     assert not (out / "samples.json").exists()
     model, _ = C.load_model(ck)
     with pytest.raises(EqmError, match="not finite") as e:
-        run_sampler(model, (2, 3, 4, 8, 8), torch.arange(4) / 12.0, tol=0.5, steps=5)
+        run_sampler(model, (2, 3, 4, 8, 8), torch.arange(4) / 12.0, settings=SamplerSettings(tol=0.5, steps=5))
     assert e.value.exit_code == 1
 
 
@@ -166,11 +166,10 @@ def test_json_written_is_always_valid_json(tmp_path):
     assert strict_json(dumps({"a": [float("nan"), 1.5, float("-inf")], "b": (float("inf"),)})) == \
         {"a": [None, 1.5, None], "b": [None]}
     gen = Generation(videos=torch.zeros(1, 3, 2, 8, 8), labels=None, evals=torch.tensor([3]),
-                     final_rms=torch.tensor([float("nan")]), timestamps=torch.tensor([0.0, 0.5]), fps=Fraction(2),
-                     settings={"tol": float("inf")})
+                     final_rms=torch.tensor([float("nan")]), timestamps=torch.tensor([0.0, 0.5]), fps=Fraction(2))
     summary = write_generation(gen, tmp_path / "out", fmt="gif")
     doc = strict_json(summary.manifest.read_text())
-    assert doc["samples"][0]["final_rms"] is None and doc["settings"]["tol"] is None
+    assert doc["samples"][0]["final_rms"] is None and doc["settings"]["tol"] == 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
@@ -259,9 +258,9 @@ def test_sample_request_checked_before_sampling(tmp_path):
     base = ["sample", "--ckpt", ck, "--out", out, "--steps", 1]
     for args, message in (
         (["--fps", "1e-9"], "below the supported minimum"),
-        (["--fps", 12, "--num-samples", -2], "--num-samples must be at least 1"),
-        (["--fps", 12, "--upscale", 0], "--upscale must be between 1 and 64"),
-        (["--fps", 12, "--cfg-scale", -5], "--cfg-scale must be a finite number >= 0"),
+        (["--fps", 12, "--num-samples", -2], "--num-samples must be an integer >= 1"),
+        (["--fps", 12, "--upscale", 0], "--upscale must be an integer between 1 and 64"),
+        (["--fps", 12, "--cfg-scale", -5], "--cfg-scale must be >= 0"),
         (["--fps", 12, "--device", "meta"], "cpu or cuda"),
         (["--fps", 12, "--dtype", "xyz"], "--dtype must be fp32, bf16 or fp16"),
     ):
@@ -285,7 +284,7 @@ def test_sample_with_too_many_tokens_is_refused(tmp_path):
     one_line_error(err, "262144 tokens per clip", str(budget.MAX_TOKENS_CPU))
     assert not (tmp_path / "o").exists()
     with pytest.raises(EqmError, match="tokens per clip"):
-        generate(model, fps=12, num_frames=budget.MAX_TOKENS_CPU // 64 + 1, num_samples=1, steps=1)
+        generate(model, fps=12, num_frames=budget.MAX_TOKENS_CPU // 64 + 1, num_samples=1, settings=SamplerSettings(steps=1))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -2,6 +2,7 @@
 
 import json
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -11,8 +12,10 @@ from typer.testing import CliRunner
 
 from eqm import checkpoint as C
 from eqm.errors import EqmError
-from eqm.generate import generate, parse_labels, plan_frames, resolve_num_frames, sample_noise, trained_span
-from eqm.config import EqMConfig
+from eqm.generate import (
+    generate, parse_labels, plan_frames, resolve_num_frames, sample_checkpoint, sample_noise, trained_span,
+)
+from eqm.config import EqMConfig, SamplerSettings
 from eqm.model import EqMTransformer
 from eqmctl.cli import app
 
@@ -62,8 +65,8 @@ def test_rate_changes_a_seconds_model_not_an_index_model():
     is in its positional encoding); an index-mode model cannot tell the rates apart."""
     for mode, should_differ in (("seconds", True), ("index", False), ("fps-embed", True)):
         m = make_model(mode)
-        a = generate(m, fps=12, num_frames=4, num_samples=2, seed=3, steps=5)
-        b = generate(m, fps=48, num_frames=4, num_samples=2, seed=3, steps=5)
+        a = generate(m, fps=12, num_frames=4, num_samples=2, seed=3, settings=SamplerSettings(steps=5))
+        b = generate(m, fps=48, num_frames=4, num_samples=2, seed=3, settings=SamplerSettings(steps=5))
         diff = (a.videos - b.videos).abs().max().item()
         if should_differ:
             assert diff > 1e-3, mode
@@ -75,29 +78,29 @@ def test_rate_changes_a_seconds_model_not_an_index_model():
 
 def test_noise_per_sample_independent_of_batch_size():
     m = make_model()
-    full = generate(m, fps=24, num_frames=4, num_samples=3, seed=5, steps=3)
-    split = generate(m, fps=24, num_frames=4, num_samples=3, seed=5, steps=3, batch_size=2)
+    full = generate(m, fps=24, num_frames=4, num_samples=3, seed=5, settings=SamplerSettings(steps=3))
+    split = generate(m, fps=24, num_frames=4, num_samples=3, seed=5, batch_size=2, settings=SamplerSettings(steps=3))
     assert torch.allclose(full.videos, split.videos, atol=1e-5)
     assert torch.equal(sample_noise(2, (3, 4, 8, 8), 5), sample_noise(3, (3, 4, 8, 8), 5)[:2])
-    other = generate(m, fps=24, num_frames=4, num_samples=3, seed=6, steps=3)
+    other = generate(m, fps=24, num_frames=4, num_samples=3, seed=6, settings=SamplerSettings(steps=3))
     assert not torch.allclose(full.videos, other.videos)
 
 
 def test_adaptive_stop_reports_evaluations():
     m = make_model()
-    loose = generate(m, fps=24, num_frames=4, num_samples=3, steps=30, tol=1e9)
+    loose = generate(m, fps=24, num_frames=4, num_samples=3, settings=SamplerSettings(steps=30, tol=1e9))
     assert loose.evals.tolist() == [1, 1, 1]
-    full = generate(m, fps=24, num_frames=4, num_samples=3, steps=7, tol=None)
+    full = generate(m, fps=24, num_frames=4, num_samples=3, settings=SamplerSettings(steps=7, tol=None))
     assert full.evals.tolist() == [7, 7, 7]
 
 
 def test_bf16_autocast_on_the_cpu_stays_close_to_fp32():
     m = make_model(num_classes=3)
     y = torch.tensor([0, 1, 2])
-    kw = dict(fps=24, num_frames=4, num_samples=3, labels=y, cfg_scale=2.0, steps=6)
+    kw = dict(fps=24, num_frames=4, num_samples=3, labels=y, settings=SamplerSettings(cfg_scale=2.0, steps=6))
     full = generate(m, **kw)
     half = generate(m, dtype="bf16", **kw)
-    assert half.videos.dtype == torch.float32 and half.settings["dtype"] == "bf16"
+    assert half.videos.dtype == torch.float32 and half.dtype == "bf16"
     assert 0 < (half.videos - full.videos).abs().max() < 0.1  # bf16 really ran, and agrees
     assert all(p.dtype == torch.float32 for p in m.parameters())
     with pytest.raises(EqmError, match="fp16 needs a CUDA device"):
@@ -109,9 +112,9 @@ def test_frames_from_seconds_and_labels():
     assert resolve_num_frames(Fraction(30000, 1001), seconds=2.0) == 60
     assert resolve_num_frames(Fraction(24), frames=5, temporal_patch=2) == 6
     assert resolve_num_frames(Fraction(24), default=16) == 16
-    with pytest.raises(EqmError, match="either --frames or --seconds"):
+    with pytest.raises(EqmError, match="either frames or seconds"):
         resolve_num_frames(Fraction(24), frames=4, seconds=1)
-    with pytest.raises(EqmError, match="--seconds"):
+    with pytest.raises(EqmError, match="^seconds must be a positive finite number"):
         resolve_num_frames(Fraction(24), seconds=float("nan"))
     with pytest.raises(EqmError, match="limit"):
         resolve_num_frames(Fraction(60), seconds=1e6)
@@ -135,9 +138,9 @@ def test_default_frames_stay_inside_the_trained_seconds():
     assert plan_frames(m, SPAN_RECIPE, Fraction(4)) == (2, None)
     assert plan_frames(m, SPAN_RECIPE, Fraction(1)) == (1, None)
     T, warning = plan_frames(m, SPAN_RECIPE, Fraction(4), frames=4)
-    assert T == 4 and "0.75 s" in warning and "0.375 s" in warning and "--frames 2" in warning
+    assert T == 4 and "0.75 s" in warning and "0.375 s" in warning and "2 frames stay inside" in warning
     T, warning = plan_frames(m, SPAN_RECIPE, Fraction(6), seconds=1.0)
-    assert T == 6 and "--frames 3" in warning
+    assert T == 6 and "3 frames stay inside" in warning
     # train.time_shift widens the span: 3/8 + 0.5 s
     shifted = {**SPAN_RECIPE, "train": {"time_shift": 0.5}}
     assert plan_frames(m, shifted, Fraction(4)) == (4, None)
@@ -147,7 +150,7 @@ def test_default_frames_stay_inside_the_trained_seconds():
     idx = make_model("index")
     assert plan_frames(idx, SPAN_RECIPE, Fraction(4)) == (4, None)
     T, warning = plan_frames(idx, SPAN_RECIPE, Fraction(60), frames=6)
-    assert T == 6 and "position 5" in warning and "--frames 4" in warning
+    assert T == 6 and "position 5" in warning and "4 frames stay inside" in warning
     # a checkpoint whose recipe does not say: the training length, no warning
     assert plan_frames(m, {"name": "t"}, Fraction(4)) == (4, None)
     assert plan_frames(m, {"data": {"num_frames": "x", "fps_min": 8}}, Fraction(4)) == (4, None)
@@ -291,3 +294,52 @@ def test_recipe_cfg_scale_reads_only_valid_values():
     for bad in (None, {}, {"sample": None}, {"sample": {}}, {"sample": {"cfg_scale": "x"}},
                 {"sample": {"cfg_scale": float("nan")}}, {"sample": {"cfg_scale": -1}}):
         assert recipe_cfg_scale(bad) == 1.0
+
+
+# ----------------------------------------------------------------------------- library = CLI
+
+
+def test_readme_library_example_runs_as_written_and_matches_the_cli(tmp_path, monkeypatch):
+    """The README's "As a library" block, executed as it stands against a run under runs/, writes
+    what `eqmctl sample` writes with the options its comment names (recipe guidance included)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## As a library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    save_run(tmp_path / "runs" / "r1", make_model(), recipe={"name": "t", "sample": {"cfg_scale": 2.0}},
+             class_names=["a", "b", "c"])
+    exec(compile(block, "README.md", "exec"), {})
+    lib = json.loads((tmp_path / "out" / "samples.json").read_text())
+    code, _, stderr = run(["sample", "--fps", "60", "-N", "4", "--steps", "20", "--out", "cli"])
+    assert code == 0, stderr
+    cli = json.loads((tmp_path / "cli" / "samples.json").read_text())
+    assert lib == cli
+    assert lib["settings"]["cfg_scale"] == 2.0 and [s["label"] for s in lib["samples"]] == [0, 1, 2, 0]
+    assert Fraction(lib["fps"]) == 60 and all(len(read_back(tmp_path / "out" / s["file"])[1]) == 4 for s in lib["samples"])
+
+
+def test_sample_checkpoint_errors_name_parameters_and_write_nothing(tmp_path, ckpt):
+    out = tmp_path / "o"
+    cases = [
+        (dict(num_samples=0), "^num_samples must be an integer >= 1"),
+        (dict(batch_size=0), "^batch_size must be >= 1"),
+        (dict(fmt="avi"), "^fmt must be one of mp4, mkv, gif"),
+        (dict(upscale=0), "^upscale must be an integer between 1 and 64"),
+        (dict(labels="7"), "^labels entry 7 is out of range"),
+        (dict(frames=2, seconds=1.0), "either frames or seconds"),
+        (dict(frames=0), "^frames must be a positive integer"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(EqmError, match=msg):
+            sample_checkpoint(ckpt, fps=24, out_dir=out, **kw)
+        assert not out.exists(), kw
+    code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "24", "-N", "0", "--out", str(out)])
+    assert code == 2 and "--num-samples must be an integer >= 1" in stderr and not out.exists()
+
+
+def test_sample_checkpoint_notes_the_ema_fallback(tmp_path):
+    ck = C.save_checkpoint(tmp_path / "run", 3, model=make_model(), config=make_model().config, recipe={"name": "t"})
+    seen = []
+    res = sample_checkpoint(ck, fps=12, frames=2, num_samples=1, settings=SamplerSettings(steps=1),
+                            out_dir=tmp_path / "o", on_note=seen.append)
+    assert seen == res.notes and len(seen) == 1 and "no EMA weights" in seen[0]
+    assert json.loads(res.written.manifest.read_text())["weights"] == "raw"

@@ -6,6 +6,7 @@ import torch
 from eqm.errors import EqmError
 from eqm.timebase import (
     format_fps,
+    fps_tag,
     frames_for_duration,
     is_variable_rate,
     mean_rate,
@@ -52,6 +53,26 @@ def test_frames_for_duration_and_format():
     assert format_fps(Fraction(25)) == "25"
     with pytest.raises(EqmError):
         frames_for_duration(0, 30)
+
+
+def test_one_frame_count_rule_rounds_halves_up():
+    """sample, retime and inspect-embed all count frames with frames_for_duration: halves round up
+    whatever the parity (Python's round would give 2 frames for 0.25 s at 10 fps and 4 for 0.35 s)."""
+    assert frames_for_duration(0.25, 10) == 3 and frames_for_duration(0.35, 10) == 4
+    assert frames_for_duration(Fraction(1, 4), Fraction(10)) == 3
+    assert frames_for_duration(0.24, 10) == 2 and frames_for_duration(0.01, 10) == 1  # at least one frame
+    assert frames_for_duration(1001 / 30000 * 45, Fraction(30000, 1001)) == 45  # float seconds of an NTSC clip
+    for bad in (float("nan"), float("inf"), -1.0, "2"):
+        with pytest.raises(EqmError, match="duration"):
+            frames_for_duration(bad, 30)
+
+
+def test_rate_spellings_for_people_files_and_json():
+    ntsc = Fraction(30000, 1001)
+    assert format_fps(ntsc) == "30000/1001 (29.970)" and fps_tag(ntsc) == "29.97" and str(ntsc) == "30000/1001"
+    assert fps_tag(Fraction(24000, 1001)) == "23.976" and fps_tag(Fraction(60)) == "60" and str(Fraction(60)) == "60"
+    for rate in (ntsc, Fraction(60), Fraction(25, 2)):
+        assert parse_fps(str(rate)) == rate  # the JSON spelling reads back exactly
 
 
 def test_vfr_detection():

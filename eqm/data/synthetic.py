@@ -49,11 +49,6 @@ EDGE_SLACK = 0.5
 _FIT_SHARE = 0.9
 
 
-def _fps_tag(fps: Fraction) -> str:
-    """A file-name friendly rate: 24 -> "24", 30000/1001 -> "29.97", 24000/1001 -> "23.976"."""
-    return f"{float(fps):.3f}".rstrip("0").rstrip(".")
-
-
 class SyntheticMotion:
     """Analytic moving discs, one velocity (pixels per second) per class.
 
@@ -294,7 +289,7 @@ class SyntheticMotion:
         position (seeded) from which the disc stays inside the frame for the whole video.
         out_dir/motion.json records the velocities (pixels per second) of every class.
         """
-        from eqm.timebase import frames_for_duration, parse_fps
+        from eqm.timebase import fps_tag, frames_for_duration, parse_fps
         from eqm.video.io import write_video
 
         if not fps_list:
@@ -314,7 +309,7 @@ class SyntheticMotion:
                 # The last frame is shown until n / fps; keep the disc inside up to its own time.
                 start = self.random_start(k, rng, duration=float(t[-1]))
                 video = self.render(k, t, start=start)
-                p = out / names[k] / f"clip_{i:03d}_{_fps_tag(fps)}fps{suffix}"
+                p = out / names[k] / f"clip_{i:03d}_{fps_tag(fps)}fps{suffix}"
                 write_video(p, video, fps, crf=crf, codec=codec)
                 paths.append(p)
         info = {

@@ -6,9 +6,10 @@ from typing import Optional
 
 import typer
 
-from eqmctl.common import console, err_console, user_errors, warn
+from eqmctl.common import console, err_console, user_errors, warn, with_sampler_settings
 
 
+@with_sampler_settings(only=("method", "steps", "step_size", "momentum", "tol"))
 def calibrate(
     ckpt: Optional[str] = typer.Option(
         None, "--ckpt", metavar="CKPT|RUN",
@@ -26,10 +27,6 @@ def calibrate(
         None, "--cfg-scales", help="Comma-separated guidance scales to compare, e.g. 1,1.5,2 (default: the recipe's sample.cfg_scale).",
     ),
     per_class: bool = typer.Option(False, "--per-class", help="Also print the median ratio of every class."),
-    sampler: str = typer.Option("gd", "--sampler", help="gd or nag."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler)."),
-    step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler)."),
-    tol: Optional[float] = typer.Option(0.01, "--tol", help="Adaptive stop as in `eqmctl sample`; 0 = always run all steps."),
     seed: int = typer.Option(0, "--seed", help="Noise seed (the same noise at every rate)."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
     batch_size: Optional[int] = typer.Option(64, "--batch-size", "-b", help="Samples generated together."),
@@ -37,6 +34,7 @@ def calibrate(
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", file_okay=False, help="Folder for calibration.json and calibration.png."),
     json_out: bool = typer.Option(False, "--json", help="Print calibration.json on stdout instead of the table."),
+    settings=None,
 ) -> None:
     """Measure whether generated motion is as fast as the training data's, at every requested rate.
 
@@ -49,18 +47,16 @@ def calibrate(
 
         from eqm.calibrate import calibrate as run, parse_rates, parse_scales, write_calibration
         from eqm.errors import EqmError
-        from eqm.generate import check_sampler_options, resolve_device
+        from eqm.generate import resolve_device
 
         parse_rates(rates)
         parse_scales(cfg_scales)
         if out.exists() and not out.is_dir():
             raise EqmError(f"--out {out} exists and is not a folder")
-        check_sampler_options(sampler, steps, step_size, None, tol)
         dev = resolve_device(device)
-        opts = {"method": sampler, "steps": steps, "step_size": step_size, "tol": tol or None}
         log = None if json_out else (lambda line: err_console.print(f"[dim]{line}[/]", highlight=False))
         cal = run(ckpt, rates, data=data, samples=samples, ref_clips=ref_clips, cfg_scales=cfg_scales, seed=seed,
-                  ema=ema, sampler=opts, batch_size=batch_size, device=dev, runs_root=runs_root, log=log)
+                  ema=ema, sampler=settings, batch_size=batch_size, device=dev, runs_root=runs_root, log=log)
         for w in cal.warnings:
             warn(w)
         json_path, png_path = write_calibration(cal, out)

@@ -5,9 +5,10 @@ from typing import Optional
 
 import typer
 
-from eqmctl.common import console, err_console, is_tty, user_errors, warn
+from eqmctl.common import console, err_console, is_tty, user_errors, warn, with_sampler_settings
 
 
+@with_sampler_settings("model: ")
 def retime(
     input: Path = typer.Argument(..., metavar="INPUT", help="Video to retime: a generated sample or any file PyAV reads."),
     fps: str = typer.Option(..., "--fps", help="New frame rate, e.g. 60, 29.97 or 30000/1001 (stored exactly in MP4)."),
@@ -26,11 +27,6 @@ def retime(
     vae: Optional[Path] = typer.Option(None, "--vae", help="model: folder of a latent model's VAE when it moved (default: the one the checkpoint recorded; must be a per-frame VAE)."),
     window: Optional[int] = typer.Option(None, "--window", help="model: output frames per model call (default: the model's clip length)."),
     label: Optional[str] = typer.Option(None, "--label", help="model: class index or name for a class-conditional model (default: unconditional)."),
-    sampler: str = typer.Option("gd", "--sampler", help="model: gd or nag."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="model: maximum sampler steps (default: the measured setting)."),
-    step_size: Optional[float] = typer.Option(None, "--step-size", help="model: step size eta (default: the measured setting)."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="model: NAG momentum mu (default 0.3)."),
-    tol: Optional[float] = typer.Option(0.01, "--tol", help="model: adaptive stop on the gradient RMS; 0 = always run all steps."),
     seed: int = typer.Option(0, "--seed", help="model: noise seed."),
     ema: bool = typer.Option(True, "--ema/--raw", help="model: EMA weights (default) or the raw training weights."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="model: windows sampled together (default: all)."),
@@ -38,6 +34,7 @@ def retime(
     dtype: str = typer.Option("fp32", "--dtype", help="model: fp32, or bf16/fp16 autocast on CUDA."),
     crf: float = typer.Option(18, "--crf", help="H.264 quality for .mp4/.mkv (0 = best, 51 = worst)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    settings=None,
 ) -> None:
     """Change the frame rate of a video.
 
@@ -48,32 +45,32 @@ def retime(
     with user_errors():
         from eqm.jsonio import dumps
 
+        from eqm.config import SamplerSettings
         from eqm.errors import EqmError
-        from eqm.retime import MODES, check_paths
-        from eqm.timebase import format_fps, parse_fps
+        from eqm.retime import check_paths
+        from eqm.timebase import format_fps, fps_tag, parse_fps
 
         rate = parse_fps(fps, name="--fps")
-        if mode not in MODES:
-            raise EqmError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
         if out is None:
-            tag = format_fps(rate).split(" ")[0].replace("/", "_")
-            out = input.with_name(f"{input.stem}_{mode}_{tag}fps.mp4")
+            out = input.with_name(f"{input.stem}_{mode}_{fps_tag(rate)}fps.mp4")
         check_paths(input, out)
         if not input.exists():
             raise EqmError(f"video file not found: {input}")
         if blend and mode != "resample":
             warn("--blend only applies to --mode resample; ignored")
-        model_opts = {"--ckpt": ckpt, "--vae": vae, "--window": window, "--label": label, "--steps": steps, "--step-size": step_size}
+        model_opts = {"--ckpt": ckpt, "--vae": vae, "--window": window, "--label": label}
         if mode != "model":
             for name, v in model_opts.items():
                 if v is not None:
                     warn(f"{name} only applies to --mode model; ignored")
+            if settings != SamplerSettings():
+                warn("sampler options only apply to --mode model; ignored")
 
         model, state, kwargs = None, {}, {}
         if mode == "model":
             if ckpt is None:
                 raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH (a checkpoint or run directory)")
-            model, state, kwargs = _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype, vae)
+            model, state, kwargs = _load(ckpt, ema, device, settings, label, window, batch_size, seed, dtype, vae)
 
         bar, progress_cb = None, None
         if mode == "model" and is_tty() and not json_out:
@@ -114,33 +111,20 @@ def retime(
         _print_summary(input, res, blend and mode == "resample", state)
 
 
-def _load(ckpt, ema, device, sampler, steps, step_size, momentum, tol, label, window, batch_size, seed, dtype, vae):
-    """Validate the sampler options, load the model (and a latent model's VAE) and turn --label into a class id."""
-    from eqm.checkpoint import load_model, resolve_checkpoint
-    from eqm.errors import EqmError
-    from eqm.generate import check_sampler_options, parse_labels, resolve_device
-
-    check_sampler_options(sampler, steps, step_size, momentum, tol)
-    if window is not None and window < 2:
-        raise EqmError(f"--window must be at least 2 frames, got {window}")
-    if batch_size is not None and batch_size < 1:
-        raise EqmError(f"--batch-size must be at least 1, got {batch_size}")
-    dev = resolve_device(device)
-
-    path = resolve_checkpoint(ckpt, warn=warn)  # a damaged newest checkpoint of a run: the one before
-    model, state = load_model(path, use_ema=ema, device=dev)
-    if ema and not str(state["weights"]).endswith("ema.safetensors"):
-        warn(f"{path} has no EMA weights; using the raw weights")
-    y = None
-    if label is not None:
-        if model.config.num_classes <= 0:
-            raise EqmError("--label given but the model was trained without classes")
-        y = int(parse_labels(label, model.config.num_classes, 1, list(state.get("class_names") or []), flag="--label")[0])
+def _load(ckpt, ema, device, settings, label, window, batch_size, seed, dtype, vae):
+    """Load the model (EMA weights, or the raw ones with a warning; a latent model's VAE) and turn
+    --label into a class id."""
+    from eqm.generate import load_for_sampling, parse_labels
     from eqm.latent import checkpoint_vae
 
-    kwargs = dict(window=window, label=y, method=sampler, steps=steps, step_size=step_size, momentum=momentum,
-                  tol=tol or None, seed=seed, batch_size=batch_size, dtype=dtype,
-                  vae=checkpoint_vae(state, vae, dev, where=str(path)))
+    model, state, notes = load_for_sampling(ckpt, use_ema=ema, device=device)
+    for text in notes:
+        warn(text)
+    y = None
+    if label is not None:
+        y = int(parse_labels(label, model.config.num_classes, 1, list(state.get("class_names") or []), param="label")[0])
+    vae = checkpoint_vae(state, vae, next(model.parameters()).device, where=state["checkpoint"])
+    kwargs = dict(window=window, label=y, settings=settings, seed=seed, batch_size=batch_size, dtype=dtype, vae=vae)
     return model, state, kwargs
 
 

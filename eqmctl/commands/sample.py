@@ -6,9 +6,15 @@ from typing import Optional
 
 import typer
 
-from eqmctl.common import console, err_console, is_tty, user_errors, warn
+from eqmctl.common import console, err_console, is_tty, user_errors, warn, with_sampler_settings
 
 
+@with_sampler_settings(official={
+    "steps": " The paper's 250 for an official .pt (whose sample_gd.py --num-sampling-steps N runs N - 1).",
+    "step_size": " The paper's 0.003 GD / 0.0017 NAG for an official .pt.",
+    "tol": " 0 for an official .pt, as the paper samples.",
+    "cfg_scale": " 1 for an official .pt.",
+})
 def sample(
     fps: Optional[str] = typer.Option(None, "--fps", help="Frame rate to generate at, e.g. 60, 29.97 or 30000/1001. Frame k is at k/fps seconds. Required for video checkpoints."),
     ckpt: Optional[str] = typer.Option(
@@ -16,17 +22,9 @@ def sample(
         help="Checkpoint directory or run directory (its latest checkpoint), or an official EqM .pt (images: T = 1, PNGs and a grid). Default: the latest checkpoint of the latest run under --runs-root.",
     ),
     frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames per clip (default: the model's training length, fewer at rates below its training range so the clip stays within the seconds it was trained on)."),
-    seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = round(seconds * fps))."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = seconds * fps, halves rounded up)."),
     num_samples: int = typer.Option(4, "--num-samples", "-N", help="Number of clips."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale, 1 = off (default: the checkpoint recipe's sample.cfg_scale; 1 for an official .pt)."),
-    cfg_channels: Optional[int] = typer.Option(None, "--cfg-channels", help="Guide only the first N channels, the rest follow the conditional field: 3 reproduces the official EqM/DiT sampler exactly (default: all channels)."),
-    cfg_every: int = typer.Option(1, "--cfg-every", help="With guidance: run the null-label pass every N-th step and reuse its guidance term in between (N = 1: every step)."),
-    sampler: str = typer.Option("gd", "--sampler", help="gd or nag (Nesterov-accelerated gradient descent)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Maximum sampler steps (default: the measured setting of the sampler; the paper's 250 for an official .pt, whose sample_gd.py --num-sampling-steps N runs N - 1)."),
-    step_size: Optional[float] = typer.Option(None, "--step-size", help="Step size eta (default: the measured setting of the sampler; the paper's 0.003 GD / 0.0017 NAG for an official .pt)."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="NAG momentum mu (default 0.3)."),
-    tol: Optional[float] = typer.Option(None, "--tol", help="Adaptive stop: a sample stops when the RMS of its gradient falls below this; 0 = always run all steps (default 0.01; 0 for an official .pt, as the paper samples)."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (default for an eqmctl latent checkpoint: the folder it recorded, which must hold the same VAE; official EqM: stabilityai/sd-vae-ft-ema)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed; sample i always gets the same noise for a given seed."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
@@ -40,6 +38,7 @@ def sample(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32; bf16 autocast (CUDA or CPU); fp16 autocast (CUDA)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
     json_out: bool = typer.Option(False, "--json", help="Print the written samples as JSON on stdout."),
+    settings=None,
 ) -> None:
     """Generate clips at --fps and write them so they play at that rate.
 
@@ -57,93 +56,45 @@ def sample(
                 warn(f"{', '.join(ignored)} ignored: {ckpt} is an image model (T = 1)")
             return _sample_official(
                 ckpt, out, weights="ema" if ema else "model", vae_path=vae, num_samples=num_samples, labels=labels,
-                cfg_scale=1.0 if cfg_scale is None else cfg_scale, guidance_channels=cfg_channels, method=sampler,
-                steps=steps, step_size=step_size, momentum=momentum, tol=tol or None, seed=seed,
-                batch_size=batch_size, device=device, dtype=dtype, json_out=json_out,
+                settings=settings, seed=seed, batch_size=batch_size, device=device, dtype=dtype, json_out=json_out,
             )
-        from eqm.checkpoint import load_model, resolve_checkpoint
-        from eqm.errors import EqmError, NonFiniteError
-        from eqm.generate import (
-            FORMATS, check_request, check_sampler_options, generate, parse_labels, plan_frames, recipe_cfg_scale, resolve_device,
-            write_generation,
-        )
+        from eqm.checkpoint import resolve_checkpoint
+        from eqm.errors import EqmError
+        from eqm.generate import sample_checkpoint
         from eqm.timebase import format_fps, parse_fps
 
         if fps is None:
             raise EqmError("--fps is required to sample a video checkpoint (e.g. --fps 24)")
-        if tol is None:
-            tol = 0.01
         rate = parse_fps(fps, name="--fps")
-        if fmt not in FORMATS:
-            raise EqmError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        if out.exists() and not out.is_dir():
-            raise EqmError(f"--out {out} exists and is not a folder")
-        check_sampler_options(sampler, steps, step_size, momentum, tol)
-        check_request(num_samples=num_samples, batch_size=batch_size, scale=upscale, cfg_scale=cfg_scale)
-        dev = resolve_device(device)
-
-        path = resolve_checkpoint(ckpt, runs_root, warn=warn)  # a damaged newest checkpoint: the one before
-        if ckpt is None:
-            err_console.print(f"using the latest checkpoint: [bold]{path}[/]", highlight=False)
-        model, state = load_model(path, use_ema=ema, device=dev)
-        if ema and not str(state["weights"]).endswith("ema.safetensors"):
-            warn(f"{path} has no EMA weights; using the raw weights")
-        class_names = list(state.get("class_names") or [])
-        from eqm.latent import checkpoint_vae
-
-        decoder = checkpoint_vae(state, vae, dev, where=str(path))
-        T, beyond = plan_frames(model, state.get("recipe"), rate, frames, seconds,
-                                temporal=1 if decoder is None else decoder.temporal)
-        if beyond:
-            warn(beyond)
-        y = parse_labels(labels, model.config.num_classes, num_samples, class_names)
-        if cfg_scale is None:
-            cfg_scale = recipe_cfg_scale(state.get("recipe")) if y is not None else 1.0
-
-        progress_cb, bar = None, None
-        if is_tty() and not json_out:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
-            task = bar.add_task("sample", total=num_samples)
-            progress_cb = lambda n: bar.update(task, completed=n)  # noqa: E731
+        if ckpt is None:  # say which one before the (long) sampling starts
+            ckpt = resolve_checkpoint(None, runs_root, warn=warn)  # a damaged newest checkpoint: the one before
+            err_console.print(f"using the latest checkpoint: [bold]{ckpt}[/]", highlight=False)
+        progress_cb, bar = _progress(num_samples, enabled=is_tty() and not json_out)
         try:
-            if bar is not None:
-                bar.start()
-            gen = generate(
-                model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, cfg_scale=cfg_scale, cfg_every=cfg_every,
-                method=sampler, steps=steps, step_size=step_size, momentum=momentum, tol=tol or None,
-                guidance_channels=cfg_channels, seed=seed, batch_size=batch_size, dtype=dtype, progress=progress_cb,
-                vae=decoder,
+            run = sample_checkpoint(
+                ckpt, fps=rate, out_dir=out, frames=frames, seconds=seconds, num_samples=num_samples, labels=labels,
+                settings=settings, seed=seed, use_ema=ema, runs_root=runs_root, fmt=fmt, png=png, grid=grid,
+                upscale=upscale, batch_size=batch_size, device=device, dtype=dtype, vae_path=vae,
+                progress=progress_cb, on_note=warn,
             )
-        except NonFiniteError as e:  # the model is what broke: name its checkpoint
-            raise NonFiniteError(f"checkpoint {path}: {e}") from None
         finally:
             if bar is not None:
                 bar.stop()
-        summary = write_generation(
-            gen, out, fmt=fmt, png=png, grid=grid, scale=upscale, class_names=class_names,
-            meta={"checkpoint": str(path), "step": state.get("step"), "weights": "ema" if ema else "raw",
-                  "time_mode": model.config.time_mode,
-                  "vae": None if decoder is None else decoder.identity.to_dict()},
-        )
-        for w in summary.warnings:
-            warn(w)
         if json_out:
-            print(_json.dumps(_json.loads(summary.manifest.read_text()), indent=2))
+            print(_json.dumps(_json.loads(run.written.manifest.read_text()), indent=2))
             return
-        _print_summary(summary, gen, format_fps(rate), state)
+        _print_summary(run.written, run.generation, format_fps(rate), run.state)
 
 
 def _print_summary(summary, gen, rate: str, state) -> None:
     from rich.table import Table
 
-    steps = gen.settings["steps"]
-    cfg = gen.settings.get("cfg_scale", 1.0)
+    steps = gen.settings.steps
+    cfg = gen.settings.guidance
     guidance = "" if cfg == 1.0 else f", cfg {cfg:g}"
     table = Table(
         title=f"{len(summary.samples)} clips at {rate} fps, {gen.num_frames} frames ({gen.duration:.3f} s) each "
-        f"in {summary.out_dir}/ (step {state.get('step')}, {gen.settings['method']}{guidance})",
+        f"in {summary.out_dir}/ (step {state.get('step')}, {gen.settings.method}{guidance})",
         title_justify="left",
     )
     for col in ("file", "label", "frames", "duration", "evals", "final rms"):
@@ -164,10 +115,9 @@ def _sample_official(ckpt, out, *, json_out: bool, device, **options) -> None:
     """Images from an official EqM checkpoint (eqm.images.sample_official), and their summary."""
     import json as _json
 
-    from eqm.generate import check_sampler_options, resolve_device
+    from eqm.generate import resolve_device
     from eqm.images import sample_official
 
-    check_sampler_options(options["method"], options["steps"], options["step_size"], options["momentum"], options["tol"])
     progress_cb, bar = _progress(options["num_samples"], enabled=is_tty() and not json_out)
     try:
         summary, gen, loaded = sample_official(ckpt, out, device=resolve_device(device), progress=progress_cb, **options)
@@ -182,15 +132,15 @@ def _sample_official(ckpt, out, *, json_out: bool, device, **options) -> None:
     from rich.table import Table
 
     st = gen.settings
-    how = f"{st['method']}, {st['steps']} steps of {st['step_size']:g}" + (f", momentum {st['momentum']:g}" if st["method"] == "nag" else "")
-    if st["cfg_scale"] != 1.0:
-        how += f", cfg {st['cfg_scale']:g}" + (f" on {st['guidance_channels']} channels" if st["guidance_channels"] else "")
+    how = f"{st.method}, {st.steps} steps of {st.step_size:g}" + (f", momentum {st.momentum:g}" if st.method == "nag" else "")
+    if st.guidance != 1.0:
+        how += f", cfg {st.guidance:g}" + (f" on {st.guidance_channels} channels" if st.guidance_channels else "")
     table = Table(title=f"{len(summary.files)} images in {summary.out_dir}/ from {ckpt} ({loaded.weights}; {how})", title_justify="left")
     for col in ("file", "label", "evals", "final rms"):
         table.add_column(col, justify="left" if col == "file" else "right")
     labels = [None] * len(summary.files) if gen.labels is None else gen.labels.tolist()
     for f, lab, e, r in zip(summary.files, labels, gen.evals.tolist(), gen.final_rms.tolist()):
-        table.add_row(f.name, "-" if lab is None else str(lab), f"{e}/{st['steps']}", f"{r:.4f}")
+        table.add_row(f.name, "-" if lab is None else str(lab), f"{e}/{st.steps}", f"{r:.4f}")
     console.print(table)
     console.print(f"details: {summary.manifest}  grid: {summary.grid}", highlight=False)
 
