@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    from eqm.config import SamplerSettings
     from eqm.sampler import sample
     from eqm.timebase import uniform_timestamps
 
@@ -76,21 +77,23 @@ def main() -> None:
     noise = torch.randn(args.samples, 3, 4, 8, 8, generator=torch.Generator().manual_seed(args.seed + 1))
     ts = uniform_timestamps(4, 24)
     dist = lambda out: float(nearest_rms(out.x, data).mean())  # noqa: E731
-    converged = dist(sample(model, noise, ts, method="gd", steps=250, step_size=0.03, momentum=0.0))
+    run = lambda method, n, eta, mu, tol=0.0: sample(  # noqa: E731  (tol 0: every step runs)
+        model, noise, ts, settings=SamplerSettings(method, steps=n, step_size=eta, momentum=mu, tol=tol))
+    converged = dist(run("gd", 250, 0.03, 0.0))
     print(f"mean RMS distance to the nearest data clip: noise {float(nearest_rms(noise, data).mean()):.3f}, "
           f"converged (GD eta 0.03, 250 steps) {converged:.3f}")
     print(f"{'sampler':<22} distance after N steps (final gradient RMS, mean)")
     for method, eta, mu, counts in SWEEP:
         cells = []
         for n in counts:
-            out = sample(model, noise, ts, method=method, steps=n, step_size=eta, momentum=mu)
+            out = run(method, n, eta, mu)
             cells.append(f"{n}: {dist(out):.3f} ({float(out.final_rms.mean()):.2f})")
         label = f"{method} eta {eta:g}" + (f" mu {mu:g}" if mu else "")
         print(f"{label:<22} " + "   ".join(cells))
     print("adaptive stop (cap 200 steps): evaluations per sample, mean (max), and distance")
     for method, eta, mu in (("gd", 0.03, 0.0), ("nag", 0.02, 0.3)):
         for tol in (0.01, 0.1):
-            out = sample(model, noise, ts, method=method, steps=200, step_size=eta, momentum=mu, tol=tol)
+            out = run(method, 200, eta, mu, tol)
             print(f"  {method} eta {eta:g} tol {tol:g}: {float(out.evals.float().mean()):.1f} ({int(out.evals.max())}), "
                   f"distance {dist(out):.3f}")
 
