@@ -33,7 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The sampler settings `make demo` samples with (Makefile DEMO_SAMPLE); --sampler-* override them.
+#: The sampler settings `make demo` samples with (Makefile DEMO_SAMPLE); --dtype, --cfg-every,
+#: --steps, --step-size and --tol override them.
 DEMO_SAMPLER = dict(dtype="fp32", cfg_every=2, steps=20, step_size=0.05, tol=0.0)
 #: `eqmctl sample`'s own defaults, the baseline of --levers.
 CLI_SAMPLER = dict(dtype="fp32", cfg_every=1, steps=40, step_size=0.03, tol=0.01)
