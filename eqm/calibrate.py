@@ -16,7 +16,8 @@ without ground truth (docs/calibration.md has the estimator's error and the meas
   classes and sizes, clip lengths as `eqmctl sample` picks them. A clip's ratio is its speed over
   the reference median of its class; per rate: median speed, median ratio and its quartiles.
 
-It works on decoded RGB frames in [-1, 1], whatever produced them.
+It works on decoded RGB frames in [-1, 1], whatever produced them: a latent checkpoint is sampled
+with the VAE it recorded and measured decoded, against its source videos in pixels.
 """
 
 from __future__ import annotations
@@ -141,10 +142,12 @@ def measure_clips(videos, timestamps, labels=None, gap: float = DEFAULT_GAP) -> 
 # =============================================================================================
 
 
-def reference_recipe(recipe: Optional[dict], data: Union[str, Path, None], size: tuple[int, int]):
+def reference_recipe(recipe: Optional[dict], data: Union[str, Path, None], size: tuple[int, int], vae_path=None):
     """The Recipe whose dataset is the reference: the checkpoint's, or ``data`` (a recipe YAML, a
     probe-fps manifest or a folder of class subfolders) cut with the checkpoint's clip policy;
-    frames resized to the model's ``size`` (h, w) so speeds compare in the same pixels."""
+    frames resized to ``size`` (h, w: the model's, decoded for a latent model) so speeds compare in
+    the same pixels. Reference clips are pixels: a latent cache stands for the videos it was made
+    from (`pixel_data`). vae_path: a latent model's VAE (the recipe is then checked as latent)."""
     from .recipe import load_recipe, recipe_from_dict
 
     d = copy.deepcopy(recipe or {})
@@ -158,8 +161,31 @@ def reference_recipe(recipe: Optional[dict], data: Union[str, Path, None], size:
         d.setdefault("data", {}).update(src)
     elif not d:
         raise EqmError("the checkpoint carries no recipe to find its training data; pass data (a recipe, manifest or folder)")
+    if (d.get("data") or {}).get("source") == "latents":
+        d["data"] = pixel_data(d["data"])
     d.setdefault("data", {}).update(height=int(size[0]), width=int(size[1]))
+    if vae_path is not None:
+        d.setdefault("vae", {})["path"] = str(vae_path)
     return recipe_from_dict(d, where=str(p) if p is not None else "the checkpoint's recipe")
+
+
+def pixel_data(data: dict) -> dict:
+    """The data section a latent cache (``data.latents``) was made from, as its cache.json records
+    it: the source videos, cut with the same clip policy. EqmError asking for ``data`` (--data)
+    when the cache or the videos it names are not there."""
+    from .cache import read_cache_info
+
+    cache = data.get("latents")
+    ask = "pass data (--data: a recipe, manifest or folder of the source videos)"
+    try:
+        made = dict(read_cache_info(cache)["settings"]["data"])
+    except (EqmError, KeyError, TypeError) as e:
+        raise EqmError(f"reference clips are read from the source videos, but the latent cache {cache} cannot say "
+                       f"which ({e}); {ask}") from None
+    where = {"folder": made.get("root"), "manifest": made.get("manifest")}.get(made.get("source"))
+    if made.get("source") in ("folder", "manifest") and not (where and Path(where).exists()):
+        raise EqmError(f"the latent cache {cache} was made from {made.get('source')} {where}, which is not there; {ask}")
+    return made
 
 
 def data_name(recipe) -> str:
@@ -178,7 +204,7 @@ def measure_dataset(dataset, clips: int, gap: float = DEFAULT_GAP) -> ClipSpeeds
         video = item["video"]
         if video.shape[0] != 3:
             raise EqmError(f"reference clips must be RGB frames, got {video.shape[0]} channels "
-                           "(for latent data pass the source videos' manifest as data)")
+                           "(for latent data pass the source videos as data)")
         s, g = clip_speed(video, item["timestamps"], gap)
         speeds.append(s)
         gaps.append(g)
@@ -259,21 +285,22 @@ def generation_labels(num_classes: int, samples: int):
 
 
 def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float, *, samples: int, seed: int,
-                 sampler: SamplerSettings, batch_size: Optional[int], gap: float):
+                 sampler: SamplerSettings, batch_size: Optional[int], gap: float, vae=None):
     """Sample the model at ``rate`` and measure every clip: (ClipSpeeds, frames, warning or None,
     the sampler settings used, defaults resolved).
 
     Clip length as `eqmctl sample` picks it (the training length, shortened at rates where it
     would reach past the trained seconds); noise per sample from ``seed``, the same at every rate.
+    vae: a latent model's VAE (eqm.latent.checkpoint_vae); its samples are measured decoded.
     """
     from .generate import generate, plan_frames
 
-    frames, beyond = plan_frames(model, recipe, rate)
+    frames, beyond = plan_frames(model, recipe, rate, temporal=1 if vae is None else vae.temporal)
     labels, n = generation_labels(int(model.config.num_classes), samples)
     gen = generate(model, fps=rate, num_frames=frames, num_samples=n, labels=labels,
-                   settings=replace(sampler, cfg_scale=cfg_scale), seed=seed, batch_size=batch_size)
+                   settings=replace(sampler, cfg_scale=cfg_scale), seed=seed, batch_size=batch_size, vae=vae)
     if gen.videos.shape[1] != 3:
-        raise EqmError(f"calibration measures RGB frames; this model generates {gen.videos.shape[1]}-channel latents")
+        raise EqmError(f"calibration measures RGB frames; this model generates {gen.videos.shape[1]}-channel frames")
     return measure_clips(gen.videos, gen.timestamps, labels, gap), frames, beyond, gen.settings
 
 
@@ -298,6 +325,7 @@ class Calibration:
     reference: Reference
     results: list[RateResult]
     warnings: list[str] = field(default_factory=list)
+    vae: Optional[dict] = None  # a latent model's VAE identity (its samples were measured decoded)
 
     @property
     def rates(self) -> list[Fraction]:
@@ -337,7 +365,7 @@ class Calibration:
                           "window": FLOW_WINDOW},
             "reference": ref, "rates": [format_fps(r) for r in self.rates], "cfg_scales": self.cfg_scales,
             "results": results, "worst_error": {f"{s:g}": self.worst_error(s) for s in self.cfg_scales},
-            "best_cfg_scale": self.best_cfg_scale, "warnings": self.warnings,
+            "best_cfg_scale": self.best_cfg_scale, "warnings": self.warnings, "vae": self.vae,
         }
         return finite(doc)
 
@@ -372,6 +400,14 @@ def parse_scales(scales: Union[str, Sequence, None]) -> Optional[list[float]]:
     return list(dict.fromkeys(out))
 
 
+def frame_size(model, vae=None) -> tuple[int, int]:
+    """(h, w) of the frames a model's samples end up as: its input size, times the VAE's spatial
+    compression for a latent model."""
+    h, w = model.config.input_size
+    k = 1 if vae is None else int(vae.spatial)
+    return int(h) * k, int(w) * k
+
+
 def _train_fps(recipe: Optional[dict]) -> Optional[tuple[float, float]]:
     data = (recipe or {}).get("data") or {}
     try:
@@ -382,16 +418,20 @@ def _train_fps(recipe: Optional[dict]) -> Optional[tuple[float, float]]:
 
 def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, cfg_scales=None, seed: int = 0,
               ema: bool = True, sampler: Optional[SamplerSettings] = None, batch_size: Optional[int] = None, device="cpu",
-              gap: float = DEFAULT_GAP, runs_root="runs", log: Optional[Callable[[str], None]] = None) -> Calibration:
+              gap: float = DEFAULT_GAP, runs_root="runs", vae_path=None,
+              log: Optional[Callable[[str], None]] = None) -> Calibration:
     """Measure a checkpoint's motion speed at each rate and guidance scale against its data's.
 
     ckpt: what `eqm.checkpoint.resolve_checkpoint` accepts; rates: "6,12,24" or a list; data: a
     recipe, manifest or folder instead of the checkpoint's own training data; samples: clips per
     class per rate; ref_clips: reference clips; cfg_scales: default the recipe's sample.cfg_scale;
     sampler: the SamplerSettings (its cfg_scale is replaced by each scale). ``log`` receives one line per step.
+    A latent-space checkpoint is sampled with the VAE it recorded (``vae_path`` when its folder
+    moved) and measured on the decoded frames, against reference clips in pixels.
     """
     from .checkpoint import load_model
     from .generate import recipe_cfg_scale
+    from .latent import checkpoint_vae
     from .train import build_dataset
 
     say = log or (lambda _line: None)
@@ -401,6 +441,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise EqmError(f"{name} must be a positive integer, got {v!r}")
     model, state = load_model(ckpt, use_ema=ema, device=device, runs_root=runs_root)
+    vae = checkpoint_vae(state, vae_path, device, where=str(state["checkpoint"]))
     recipe = state.get("recipe")
     classes = int(model.config.num_classes)
     if scales is None:
@@ -408,7 +449,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     if classes <= 0 and any(s != 1.0 for s in scales):
         raise EqmError("cfg_scales: guidance needs a class-conditional model (this one has no classes)")
 
-    ref_recipe = reference_recipe(recipe, data, tuple(model.config.input_size))
+    ref_recipe = reference_recipe(recipe, data, frame_size(model, vae), None if vae is None else vae.identity.path)
     warnings: list[str] = []
     dataset = build_dataset(ref_recipe, warn=warnings.append)
     if classes > 0 and int(getattr(dataset, "num_classes", 0) or 0) != classes:
@@ -423,7 +464,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         for rate in rates:
             say(f"sampling at {float(rate):g} fps, guidance {scale:g}")
             gen, frames, beyond, used = measure_rate(model, recipe, rate, scale, samples=samples, seed=seed,
-                                                     sampler=opts, batch_size=batch_size, gap=gap)
+                                                     sampler=opts, batch_size=batch_size, gap=gap, vae=vae)
             if beyond and beyond not in warnings:
                 warnings.append(beyond)
             results.append(summarize_rate(gen, ref, rate, scale, frames))
@@ -433,7 +474,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         time_mode=model.config.time_mode, train_fps=_train_fps(recipe),
         class_names=list(state.get("class_names") or []), samples_per_class=samples, seed=seed,
         sampler={k: v for k, v in used.to_dict().items() if k != "cfg_scale"},  # guidance: per result
-        reference=ref, results=results, warnings=warnings,
+        reference=ref, results=results, warnings=warnings, vae=None if vae is None else vae.identity.to_dict(),
     )
 
 

@@ -30,6 +30,10 @@ def calibrate(
     seed: int = typer.Option(0, "--seed", help="Noise seed (the same noise at every rate)."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
     batch_size: Optional[int] = typer.Option(64, "--batch-size", "-b", help="Samples generated together."),
+    vae: Optional[Path] = typer.Option(
+        None, "--vae", help="Local folder of the VAE that decodes a latent model's samples (default: the folder the "
+        "checkpoint recorded, which must hold the same VAE).",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", file_okay=False, help="Folder for calibration.json and calibration.png."),
@@ -56,7 +60,7 @@ def calibrate(
         dev = resolve_device(device)
         log = None if json_out else (lambda line: err_console.print(f"[dim]{line}[/]", highlight=False))
         cal = run(ckpt, rates, data=data, samples=samples, ref_clips=ref_clips, cfg_scales=cfg_scales, seed=seed,
-                  ema=ema, sampler=settings, batch_size=batch_size, device=dev, runs_root=runs_root, log=log)
+                  ema=ema, sampler=settings, batch_size=batch_size, device=dev, runs_root=runs_root, vae_path=vae, log=log)
         for w in cal.warnings:
             warn(w)
         json_path, png_path = write_calibration(cal, out)
