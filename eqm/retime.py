@@ -343,10 +343,8 @@ def interpolate_frames(
     """
     import torch
 
-    from .generate import _autocast, sample_noise
-    from .sampler import sample
     from .timebase import uniform_timestamps
-    from .video.io import from_uint8, to_uint8
+    from .video.io import from_uint8
 
     frames = _check_frames(frames)
     pts = np.asarray(pts, dtype=np.float64)
@@ -355,6 +353,38 @@ def interpolate_frames(
     fps = _rate(fps)
     settings = (settings or SamplerSettings()).with_default_guidance(1.0)
     check_retime_vae(model, vae)
+    L = _check_interp_args(model, window, label, batch_size)
+    slots, n_out, wins, L, notices = _plan_interpolation(model, pts, fps, duration, vfr, fps_in, window, L)
+    _check_memory(n_out, frames.shape[1:])
+
+    # Model-space values (pixels, or latents of a VAE) of every decided slot (originals resized
+    # and encoded, then generated frames), the source of each window's clamped frames.
+    n_total = max([n_out] + [w.start + L for w in wins])  # windows may run past the end: extra slots are discarded
+    h, w_ = model.config.input_size
+    px = (h, w_) if vae is None else (h * vae.spatial, w_ * vae.spatial)  # the model's frame size in pixels
+    buf = torch.zeros((n_total, model.config.in_channels, h, w_), dtype=torch.float32)
+    done = np.zeros(n_total, dtype=bool)
+    for a in range(0, len(slots), 64):  # chunks: the float copy of a whole video at full size is big
+        chunk = _resize(from_uint8(frames[a : a + 64]).permute(1, 0, 2, 3), px).clamp(-1, 1)  # (N, 3, ph, pw)
+        buf[slots[a : a + 64]] = chunk if vae is None else vae.encode(chunk.permute(1, 0, 2, 3)[None])[0].permute(1, 0, 2, 3).cpu()
+    done[slots] = True
+
+    source = np.full(n_out, -1, dtype=np.int64)
+    source[slots] = np.arange(len(slots))
+    out = np.empty((n_out, *frames.shape[1:]), dtype=np.uint8)
+    out[slots] = frames
+    ts = uniform_timestamps(L, fps, dtype=torch.float32)
+    run = _WindowRun(model, settings, vae, ts, label, seed, dtype, progress)
+    evals = run.fill(wins, buf, done, out, n_out, batch_size)
+    if not done[:n_out].all():  # a planning bug, never a user error: fail loudly
+        raise RuntimeError(f"retime left {int((~done[:n_out]).sum())} output frames ungenerated")
+    return Interpolation(
+        frames=out, times=output_times(n_out, fps), source=source, evals=evals, windows=wins, notices=notices,
+    )
+
+
+def _check_interp_args(model, window, label, batch_size) -> int:
+    """The model window length L (window, or the model's clip length) after checking the arguments."""
     tp = int(model.config.temporal_patch)
     if window is not None and (isinstance(window, bool) or int(window) != window):
         raise ParamError("window", f"window must be a whole number of frames, got {window!r}")
@@ -372,26 +402,28 @@ def interpolate_frames(
             )
     if batch_size is not None and batch_size < 1:
         raise ParamError("batch_size", f"batch_size must be >= 1, got {batch_size}")
+    return L
 
+
+def _plan_interpolation(model, pts, fps, duration, vfr, fps_in, window, L):
+    """Output slots of the originals, output length, model windows (and their length) and notices."""
     if vfr is None:
         vfr = is_variable_rate(pts)
     if duration is None:
         duration, _ = video_duration(pts, fps_in)
     slots, notices = model_slots(pts, fps, vfr=vfr, fps_in=fps_in)
     n_out = max(frames_for_duration(duration, fps), int(slots[-1]) + 1)
-    H, W = frames.shape[1:3]
-    _check_memory(n_out, frames.shape[1:])
     if model.config.time_mode == "index":
         notices.append(
             "this model numbers frames by index (time_mode=index): it cannot see the new rate, so its in-betweens "
             "move at the speed of its training clips"
         )
-
     if window is None:
         # The default window is the model's clip length; when originals are further apart than
         # that (high ratios, VFR gaps) widen it just enough to hold two of them, rather than fail:
         # the positional encoding takes any length, only quality away from the training length
         # is uncertain, so say so.  An explicit --window is taken as given (plan_windows errors).
+        tp = int(model.config.temporal_patch)
         gap = int(np.diff(slots).max(initial=0))
         need = -(-(gap + 1) // tp) * tp
         if need > L:
@@ -405,73 +437,80 @@ def interpolate_frames(
     wins = [w for w in wins if w.chained or not slot_done_all(slots, w.start, min(w.stop, n_out))]
     if not wins:
         notices.append(f"the input already has a frame at every output time at {format_fps(fps)} fps: nothing to generate")
-    n_total = max([n_out] + [w.start + L for w in wins])  # windows may run past the end: extra slots are discarded
-    h, w_ = model.config.input_size
-    C = model.config.in_channels
-    px = (h, w_) if vae is None else (h * vae.spatial, w_ * vae.spatial)  # the model's frame size in pixels
-    device = next(model.parameters()).device
+    return slots, n_out, wins, L, notices
 
-    # Model-space values (pixels, or latents of a VAE) of every decided slot (originals resized
-    # and encoded, then generated frames), the source of each window's clamped frames.
-    buf = torch.zeros((n_total, C, h, w_), dtype=torch.float32)
-    done = np.zeros(n_total, dtype=bool)
-    for a in range(0, len(slots), 64):  # chunks: the float copy of a whole video at full size is big
-        chunk = _resize(from_uint8(frames[a : a + 64]).permute(1, 0, 2, 3), px).clamp(-1, 1)  # (N, 3, ph, pw)
-        buf[slots[a : a + 64]] = chunk if vae is None else vae.encode(chunk.permute(1, 0, 2, 3)[None])[0].permute(1, 0, 2, 3).cpu()
-    done[slots] = True
 
-    source = np.full(n_out, -1, dtype=np.int64)
-    source[slots] = np.arange(len(slots))
-    out = np.empty((n_out, H, W, 3), dtype=np.uint8)
-    out[slots] = frames
+class _WindowRun:
+    """Generates the in-betweens window by window with the decided frames clamped.
 
-    ts = uniform_timestamps(L, fps, dtype=torch.float32).to(device)
-    noise = sample_noise(len(wins), (C, L, h, w_), seed)
-    y_all = None if label is None else torch.full((len(wins),), int(label), dtype=torch.long)
-    evals = [0] * len(wins)
-    anchored = [i for i, win in enumerate(wins) if not win.chained]
-    chained = [i for i, win in enumerate(wins) if win.chained]
-    bs = max(1, len(anchored)) if batch_size is None else batch_size
-    # Anchored windows depend only on originals: batch them.  Chained windows depend on the one
-    # before, so they go one at a time.
-    groups = [anchored[i : i + bs] for i in range(0, len(anchored), bs)] + [[i] for i in chained]
-    finished = 0
-    for group in groups:
+    Anchored windows depend only on originals and are batched; chained windows depend on the
+    one before, so they go one at a time.  Every generated frame is written into ``buf`` (model
+    space, the next windows' clamped input) and, decoded and resized, into ``out``.
+    """
+
+    def __init__(self, model, settings, vae, ts, label, seed, dtype, progress):
+        self.model, self.settings, self.vae, self.ts = model, settings, vae, ts
+        self.label, self.seed, self.dtype, self.progress = label, seed, dtype, progress
+        self.device = next(model.parameters()).device
+
+    def fill(self, wins, buf, done, out, n_out, batch_size) -> list:
+        from .generate import sample_noise
+
+        L = self.ts.shape[0]
+        noise = sample_noise(len(wins), (buf.shape[1], L, *buf.shape[2:]), self.seed)
+        evals = [0] * len(wins)
+        anchored = [i for i, win in enumerate(wins) if not win.chained]
+        chained = [i for i, win in enumerate(wins) if win.chained]
+        bs = max(1, len(anchored)) if batch_size is None else batch_size
+        groups = [anchored[i : i + bs] for i in range(0, len(anchored), bs)] + [[i] for i in chained]
+        finished = 0
+        for group in groups:
+            res = self._sample(group, wins, buf, done, noise, L)
+            for b, i in enumerate(group):
+                evals[i] = int(res.evals[b])
+                self._keep(wins[i], res.x[b], buf, done, out, n_out)
+            finished += len(group)
+            if self.progress is not None:
+                self.progress(finished, len(wins))
+        return evals
+
+    def _sample(self, group, wins, buf, done, noise, L):
+        import torch
+
+        from .generate import _autocast
+        from .sampler import sample
+
         known = torch.stack([buf[wins[i].start : wins[i].start + L] for i in group]).permute(0, 2, 1, 3, 4)
         mask = torch.from_numpy(np.stack([done[wins[i].start : wins[i].start + L] for i in group]))
-        n = len(group)
-        y = None if y_all is None else y_all[group].to(device)
-        with _autocast(device, dtype):
-            res = sample(model, noise[group].to(device), ts.expand(n, -1), y, settings,
-                         known=known.to(device), known_mask=mask.to(device))
-        x = res.x.float().cpu()
-        if not torch.isfinite(x).all():
+        n, dev = len(group), self.device
+        y = None if self.label is None else torch.full((n,), int(self.label), dtype=torch.long, device=dev)
+        with _autocast(dev, self.dtype):
+            res = sample(self.model, noise[group].to(dev), self.ts.to(dev).expand(n, -1), y, self.settings,
+                         known=known.to(dev), known_mask=mask.to(dev))
+        res.x = res.x.float().cpu()
+        if not torch.isfinite(res.x).all():
             raise EqmError(
-                f"sampling diverged (non-finite values) with step_size {settings.step_size}; try a smaller step_size", exit_code=1
+                f"sampling diverged (non-finite values) with step_size {self.settings.step_size}; try a smaller step_size", exit_code=1
             )
-        if vae is None:
-            x = x.clamp(-1, 1)
-        for b, i in enumerate(group):
-            win = wins[i]
-            evals[i] = int(res.evals[b])
-            keep = [k for k in range(win.start, win.stop) if k < n_out and not done[k]]
-            if not keep:
-                continue
-            rel = torch.tensor([k - win.start for k in keep])
-            gen = x[b][:, rel]  # (C, K, h, w) model space
-            buf[keep] = gen.permute(1, 0, 2, 3)
-            done[keep] = True
-            pix = gen if vae is None else vae.decode(gen[None])[0]  # (3, K, ph, pw)
-            full = _resize(pix.permute(1, 0, 2, 3), (H, W)).clamp(-1, 1)  # back to the video's size
-            out[keep] = to_uint8(full.permute(1, 0, 2, 3))
-        finished += n
-        if progress is not None:
-            progress(finished, len(wins))
-    if not done[:n_out].all():  # a planning bug, never a user error: fail loudly
-        raise RuntimeError(f"retime left {int((~done[:n_out]).sum())} output frames ungenerated")
-    return Interpolation(
-        frames=out, times=output_times(n_out, fps), source=source, evals=evals, windows=wins, notices=notices,
-    )
+        if self.vae is None:
+            res.x = res.x.clamp(-1, 1)
+        return res
+
+    def _keep(self, win, x, buf, done, out, n_out) -> None:
+        """Store the window's frames for the slots not decided yet (x: (C, L, h, w) model space)."""
+        import torch
+
+        from .video.io import to_uint8
+
+        keep = [k for k in range(win.start, win.stop) if k < n_out and not done[k]]
+        if not keep:
+            return
+        gen = x[:, torch.tensor([k - win.start for k in keep])]  # (C, K, h, w) model space
+        buf[keep] = gen.permute(1, 0, 2, 3)
+        done[keep] = True
+        pix = gen if self.vae is None else self.vae.decode(gen[None])[0]  # (3, K, ph, pw)
+        full = _resize(pix.permute(1, 0, 2, 3), out.shape[1:3]).clamp(-1, 1)  # back to the video's size
+        out[keep] = to_uint8(full.permute(1, 0, 2, 3))
 
 
 def check_retime_vae(model, vae) -> None:

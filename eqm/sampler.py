@@ -96,20 +96,29 @@ def sample(
     callback(step, x, rms, active) is called after every step (rms (B,): last RMS per sample).
     """
     settings = (settings or SamplerSettings()).resolved()
-    method, steps, eta, mu = settings.method, settings.steps, settings.step_size, settings.momentum
-    tol, cfg_scale, guidance_channels = settings.stop_tol, settings.guidance, settings.guidance_channels
-    cfg_every = settings.cfg_every
-
     device = _model_device(model)
-    if torch.is_tensor(shape_or_noise):
-        x = shape_or_noise.detach().to(device).clone()
-    else:
-        # Drawn on the generator's device, then moved: a CPU generator gives the same noise on any device.
-        gen_device = generator.device if generator is not None else device
-        x = torch.randn(tuple(int(s) for s in shape_or_noise), generator=generator, device=gen_device).to(device)
-    B = x.shape[0]
+    x = _start(shape_or_noise, generator, device)
     T = x.shape[2] if x.ndim == 5 else 1
+    timestamps, y = _check_conditioning(timestamps, y, x.shape[0], T, device)
+    _check_guidance(settings, y, x.shape[1])
+    clamp = _Clamp.build(known, known_mask, x)
+    if clamp is not None:
+        x = clamp.apply(x)
+    field = _Field(model, timestamps, y, settings, T, x.shape[0], clamp)
+    return _descend(model, x, field, clamp, settings, callback)
 
+
+def _start(shape_or_noise, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """The starting point: a copy of the given tensor, or noise of the given shape on ``device``."""
+    if torch.is_tensor(shape_or_noise):
+        return shape_or_noise.detach().to(device).clone()
+    # Drawn on the generator's device, then moved: a CPU generator gives the same noise on any device.
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(int(s) for s in shape_or_noise), generator=generator, device=gen_device).to(device)
+
+
+def _check_conditioning(timestamps, y, B: int, T: int, device):
+    """Timestamps as (B, T) and labels as (B,) long on ``device``; EqmError when a batch does not match."""
     if timestamps is not None:
         timestamps = check_timestamps(timestamps.to(device), T)
         timestamps = timestamps.expand(B, -1) if timestamps.shape[0] == 1 else timestamps
@@ -119,74 +128,107 @@ def sample(
         y = y.to(device).long().reshape(-1)
         if y.shape[0] != B:
             raise EqmError(f"labels have batch {y.shape[0]} but {B} samples were requested")
-    guided = cfg_scale != 1.0
-    if guidance_channels is not None and not 1 <= int(guidance_channels) <= x.shape[1]:
-        raise ParamError("guidance_channels", f"guidance_channels must be between 1 and the model's {x.shape[1]} channels, got {guidance_channels}")
-    if guided and y is None:
+    return timestamps, y
+
+
+def _check_guidance(settings: SamplerSettings, y, channels: int) -> None:
+    gc = settings.guidance_channels
+    if gc is not None and not 1 <= int(gc) <= channels:
+        raise ParamError("guidance_channels", f"guidance_channels must be between 1 and the model's {channels} channels, got {gc}")
+    if settings.guidance != 1.0 and y is None:
         raise EqmError("classifier-free guidance (cfg_scale != 1) needs class labels")
 
-    mask5 = None
-    if known is not None or known_mask is not None:
+
+@dataclass
+class _Clamp:
+    """Known frames of a conditional run: mask5 (B, 1, T, 1, 1) marks them, known holds their values,
+    free (B,) counts each sample's unknown elements (the RMS is taken over those only)."""
+
+    known: torch.Tensor
+    mask5: torch.Tensor
+    free: torch.Tensor
+
+    @staticmethod
+    def build(known, known_mask, x: torch.Tensor) -> Optional["_Clamp"]:
+        if known is None and known_mask is None:
+            return None
         if known is None or known_mask is None or x.ndim != 5:
             raise EqmError("conditional sampling needs both known (B, C, T, H, W) and known_mask (B, T)")
-        known = known.to(device=device, dtype=x.dtype)
-        known_mask = known_mask.to(device).bool()
+        B, T = x.shape[0], x.shape[2]
+        known = known.to(device=x.device, dtype=x.dtype)
+        known_mask = known_mask.to(x.device).bool()
         if known.shape != x.shape or known_mask.shape != (B, T):
             raise EqmError(
                 f"known must be {tuple(x.shape)} and known_mask ({B}, {T}); "
                 f"got {tuple(known.shape)} and {tuple(known_mask.shape)}"
             )
-        mask5 = known_mask[:, None, :, None, None]
-        x = torch.where(mask5, known, x)
-        free = (~known_mask).sum(1) * (x[0, :, 0].numel())  # unknown elements per sample
-    else:
-        free = torch.full((B,), x[0].numel(), device=device)
+        free = (~known_mask).sum(1) * (x[0, :, 0].numel())
+        return _Clamp(known=known, mask5=known_mask[:, None, :, None, None], free=free)
 
-    # Positional encodings: once per run; for guidance, for the [cond; uncond] double batch.
-    if guided:
-        pos = model.positions(None if timestamps is None else torch.cat([timestamps, timestamps]), T)
-        y_null = torch.full_like(y, model.config.num_classes)
-    else:
-        pos = model.positions(timestamps, T)
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the known frames reset exactly to their data values."""
+        return torch.where(self.mask5, self.known, x)
 
-    diff = None  # (B, ...) the last f_c - f_u of every sample (cfg_every > 1)
 
-    def field(xs: torch.Tensor, idx: torch.Tensor, step: int) -> torch.Tensor:
-        nonlocal diff
-        if guided and step % cfg_every == 0:
-            out = model(torch.cat([xs, xs]), None, torch.cat([y[idx], y_null[idx]]), pos=pos.select(torch.cat([idx, idx + B])))
-            f_c, f_u = out.chunk(2)
-            if cfg_every > 1:
-                diff = torch.zeros_like(x, dtype=out.dtype) if diff is None else diff
-                diff[idx] = f_c - f_u
-            f = guide(f_c, f_u, cfg_scale, guidance_channels)
-        elif guided:  # f_u rebuilt from this step's f_c and the stored difference
-            f_c = model(xs, None, y[idx], pos=pos.select(idx))
-            f = guide(f_c, f_c - diff[idx].to(f_c.dtype), cfg_scale, guidance_channels)
+class _Field:
+    """f(x) for the samples ``idx`` still moving: one model pass, or the conditional and null-label
+    passes combined by guidance.  Positional encodings are built once here (for guidance, for the
+    [cond; uncond] double batch); with ``cfg_every`` > 1 the null pass runs every cfg_every-th step
+    and the steps between rebuild f_u from the last stored f_c - f_u."""
+
+    def __init__(self, model, timestamps, y, settings: SamplerSettings, T: int, B: int, clamp: Optional[_Clamp]):
+        self.model, self.y, self.settings, self.B, self.clamp = model, y, settings, B, clamp
+        self.guided = settings.guidance != 1.0
+        if self.guided:
+            self.pos = model.positions(None if timestamps is None else torch.cat([timestamps, timestamps]), T)
+            self.y_null = torch.full_like(y, model.config.num_classes)
         else:
-            f = model(xs, None, None if y is None else y[idx], pos=pos.select(idx))
-        if mask5 is not None:
-            f = f.masked_fill(mask5[idx], 0.0)
+            self.pos = model.positions(timestamps, T)
+        self.diff: Optional[torch.Tensor] = None  # (B, ...) the last f_c - f_u of every sample
+
+    def __call__(self, xs: torch.Tensor, idx: torch.Tensor, step: int) -> torch.Tensor:
+        s, model, y = self.settings, self.model, self.y
+        if self.guided and step % s.cfg_every == 0:
+            out = model(torch.cat([xs, xs]), None, torch.cat([y[idx], self.y_null[idx]]),
+                        pos=self.pos.select(torch.cat([idx, idx + self.B])))
+            f_c, f_u = out.chunk(2)
+            if s.cfg_every > 1:
+                if self.diff is None:
+                    self.diff = xs.new_zeros((self.B, *xs.shape[1:]), dtype=out.dtype)
+                self.diff[idx] = f_c - f_u
+            f = guide(f_c, f_u, s.guidance, s.guidance_channels)
+        elif self.guided:  # f_u rebuilt from this step's f_c and the stored difference
+            f_c = model(xs, None, y[idx], pos=self.pos.select(idx))
+            f = guide(f_c, f_c - self.diff[idx].to(f_c.dtype), s.guidance, s.guidance_channels)
+        else:
+            f = model(xs, None, None if y is None else y[idx], pos=self.pos.select(idx))
+        if self.clamp is not None:
+            f = f.masked_fill(self.clamp.mask5[idx], 0.0)
         return f
 
+
+def _descend(model, x: torch.Tensor, field: _Field, clamp: Optional[_Clamp], settings: SamplerSettings,
+             callback: Optional[Callable]) -> SampleOutput:
+    """The GD / NAG-GD loop with per-sample adaptive stop; the model runs in eval mode without grad."""
+    B, device = x.shape[0], x.device
+    eta, mu, tol = settings.step_size, settings.momentum, settings.stop_tol
+    free = clamp.free if clamp is not None else torch.full((B,), x[0].numel(), device=device)
     evals = torch.zeros(B, dtype=torch.long, device=device)
     last_rms = torch.full((B,), float("nan"), device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
-    m = torch.zeros_like(x) if method == "nag" else None
+    m = torch.zeros_like(x) if settings.method == "nag" else None
     steps_run = 0
-
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for step in range(steps):
+            for step in range(settings.steps):
                 idx = active.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
                 steps_run += 1
                 xa = x[idx]
-                xq = xa + (eta * mu) * m[idx] if m is not None else xa
-                f = field(xq, idx, step)
+                f = field(xa + (eta * mu) * m[idx] if m is not None else xa, idx, step)
                 evals[idx] += 1
                 rms = (f.float().pow(2).flatten(1).sum(1) / free[idx].clamp(min=1)).sqrt()
                 _check_finite(rms, idx, step)
@@ -194,10 +236,9 @@ def sample(
                 moving = torch.ones_like(rms, dtype=torch.bool) if tol is None else ~(rms < tol)
                 if m is not None:
                     m[idx] = f
-                keep = moving.reshape(-1, *([1] * (x.ndim - 1)))
-                x[idx] = torch.where(keep, xa + eta * f, xa)
-                if mask5 is not None:  # clamp: known frames stay exactly at their data values
-                    x = torch.where(mask5, known, x)
+                x[idx] = torch.where(moving.reshape(-1, *([1] * (x.ndim - 1))), xa + eta * f, xa)
+                if clamp is not None:  # known frames stay exactly at their data values
+                    x = clamp.apply(x)
                 if tol is not None:
                     active[idx[~moving]] = False
                 if callback is not None:
