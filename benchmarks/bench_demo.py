@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The sampler settings `make demo` samples with (Makefile DEMO_SAMPLE); --dtype, --cfg-every,
 #: --steps, --step-size and --tol override them.
-DEMO_SAMPLER = dict(dtype="fp32", cfg_every=2, steps=20, step_size=0.05, tol=0.0)
+DEMO_SAMPLER = dict(dtype="fp32", cfg_every=2, steps=20, step_size=0.05, tol=0.0, window=None)
 #: `eqmctl sample`'s own defaults, the baseline of --levers.
-CLI_SAMPLER = dict(dtype="fp32", cfg_every=1, steps=40, step_size=0.03, tol=0.01)
+CLI_SAMPLER = dict(dtype="fp32", cfg_every=1, steps=40, step_size=0.03, tol=0.01, window=None)
 
 
 def lever_settings() -> list:
@@ -49,6 +49,7 @@ def lever_settings() -> list:
         ("20 steps at step size 0.05", dict(CLI_SAMPLER, steps=20, step_size=0.05)),
         ("the demo's (guidance every 2nd step, 20 steps of 0.05)", dict(DEMO_SAMPLER)),
         ("the demo's + bf16 autocast", dict(DEMO_SAMPLER, dtype="bf16")),
+        ("the demo's + 8-frame windows (--window 8)", dict(DEMO_SAMPLER, window=8)),
     ]
 
 
@@ -79,10 +80,10 @@ def run(model, recipe, motion, rate, *, seconds: float, per_class: int, seed: in
     from eqm.config import SamplerSettings
 
     options = dict(sampler)
-    dtype = options.pop("dtype")
+    dtype, window = options.pop("dtype"), options.pop("window")
     settings = SamplerSettings(recipe.sample.method, cfg_scale=recipe.sample.cfg_scale, **options)
     gen = generate(model, fps=rate, num_frames=frames, num_samples=len(labels), labels=labels, seed=seed,
-                   settings=settings, dtype=dtype)
+                   settings=settings, dtype=dtype, window=window)
     return gen, time.perf_counter() - t0
 
 
@@ -199,6 +200,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=DEMO_SAMPLER["steps"])
     p.add_argument("--step-size", type=float, default=DEMO_SAMPLER["step_size"])
     p.add_argument("--tol", type=float, default=DEMO_SAMPLER["tol"])
+    p.add_argument("--window", type=int, default=DEMO_SAMPLER["window"],
+                   help="frames per model call (eqmctl sample --window); 0 = the whole clip in one call")
     p.add_argument("--levers", action="store_true", help="also time the sampler levers side by side")
     p.add_argument("--lever-clips", type=int, default=16)
     p.add_argument("--train-levers", action="store_true", help="also time training steps: fp32, bf16, compile")
@@ -206,7 +209,8 @@ def parse_args(argv):
     p.add_argument("--strip", type=Path, default=None, help="write a frame strip of the 60 fps clips (PNG)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    args.sampler = dict(dtype=args.dtype, cfg_every=args.cfg_every, steps=args.steps, step_size=args.step_size, tol=args.tol)
+    args.sampler = dict(dtype=args.dtype, cfg_every=args.cfg_every, steps=args.steps, step_size=args.step_size, tol=args.tol,
+                        window=args.window or None)
     return args
 
 

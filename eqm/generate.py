@@ -13,7 +13,7 @@ the same clip whatever the batch size, and a run of 8 samples starts with the 4 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -293,6 +293,7 @@ def generate(
     dtype: Optional[str] = None,
     progress: Optional[Callable[[int], None]] = None,
     vae=None,
+    window: Optional[int] = None,
 ) -> Generation:
     """Sample ``num_samples`` clips of ``num_frames`` frames at timestamps k / fps.
 
@@ -301,9 +302,11 @@ def generate(
     (default: all at once) go through :func:`eqm.sampler.sample`; ``progress(n)`` is called with
     the number of samples finished after each batch.  ``dtype`` "bf16" runs the model under
     autocast (CUDA or CPU), "fp16" under CUDA autocast.  vae (an eqm.vae.Vae): a latent-space model; the latents of those frames are sampled at the
-    latent timestamps of k / fps (eqm.vae.plan_latents) and decoded.
+    latent timestamps of k / fps (eqm.vae.plan_latents) and decoded.  window: model frames per
+    model call (latent frames for a latent model); a longer clip is made window by window, each
+    window with the frames it shares with the one before clamped (:func:`window_spans`); None =
+    the whole clip in one call.
     """
-    from .sampler import sample
     from .vae import plan_latents
 
     fps = parse_fps(fps, name="fps")
@@ -318,7 +321,8 @@ def generate(
     plan = plan_latents(fps, num_frames, 1 if vae is None else vae.temporal)
     ts = plan.latent_timestamps
     bs = num_samples if batch_size is None else batch_size
-    _check_work(model, plan.num_latents, min(bs, num_samples) * (2 if settings.guidance != 1.0 else 1), device)
+    spans = window_spans(plan.num_latents, window, model.config.temporal_patch)
+    _check_work(model, spans[0][1] - spans[0][0], min(bs, num_samples) * (2 if settings.guidance != 1.0 else 1), device)
     noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)
 
     outs, evals, rms = [], [], []
@@ -326,8 +330,7 @@ def generate(
         stop = min(num_samples, start + bs)
         n = stop - start
         y = None if labels is None else labels[start:stop].to(device)
-        with _autocast(device, dtype):
-            res = sample(model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y, settings)
+        res = _sample_windows(model, noise[start:stop].to(device), ts.to(device).expand(n, -1), y, settings, spans, dtype)
         x = res.x.float().cpu()
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"sampling diverged (non-finite values) with step_size {settings.step_size}; "
@@ -342,6 +345,49 @@ def generate(
         timestamps=plan.frame_timestamps, fps=fps, settings=settings, seed=seed, dtype=dtype or "fp32",
         latent_timestamps=None if vae is None else ts,
     )
+
+
+def window_spans(num_frames: int, window: Optional[int] = None, temporal_patch: int = 1) -> list:
+    """Frame ranges [a, b) of the model calls that make a clip of ``num_frames`` frames.
+
+    One call when ``window`` is None or covers the clip; else windows of ``window`` frames, each
+    starting where the one before is half done (so half of every later window is clamped to
+    frames already made), the last one ending at the clip's end.  A model trained on short clips
+    then meets its training length at any clip length, and attention stays window-sized.
+    """
+    if window is None or window >= num_frames:
+        return [(0, num_frames)]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2 or window % temporal_patch:
+        raise ParamError("window", f"window must be an integer >= 2 and a multiple of the model's temporal patch "
+                                   f"({temporal_patch}), got {window!r}")
+    advance = max(temporal_patch, (window // 2) // temporal_patch * temporal_patch)
+    spans = [(0, window)]
+    while spans[-1][1] < num_frames:
+        a = min(spans[-1][0] + advance, num_frames - window)
+        spans.append((a, a + window))
+    return spans
+
+
+def _sample_windows(model, noise: torch.Tensor, ts: torch.Tensor, y, settings: SamplerSettings, spans: list,
+                    dtype: Optional[str]):
+    """eqm.sampler.sample over the windows ``spans`` of one batch: the first window from its noise,
+    each later one with its frames made so far clamped (conditional generation); evals add up."""
+    from .sampler import sample
+
+    x, done_to, total = noise.clone(), 0, None
+    for a, b in spans:
+        known = mask = None
+        if done_to > a:
+            mask = torch.zeros(x.shape[0], b - a, dtype=torch.bool, device=x.device)
+            mask[:, : done_to - a] = True
+            known = x[:, :, a:b]
+        with _autocast(x.device, dtype):
+            res = sample(model, x[:, :, a:b], ts[:, a:b], y, settings, known=known, known_mask=mask)
+        x[:, :, a:b] = res.x.to(x.dtype)
+        evals = res.evals if total is None else total.evals + res.evals
+        total = replace(res, x=x, evals=evals)
+        done_to = b
+    return total
 
 
 def _check_work(model, num_frames: int, batch: int, device) -> None:
@@ -506,6 +552,7 @@ def sample_checkpoint(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     vae_path=None,
+    window: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
     on_note: Optional[Callable[[str], None]] = None,
 ) -> SampleRun:
@@ -517,6 +564,7 @@ def sample_checkpoint(
       shortened at rates below its training range so the clip stays inside the seconds it was
       trained on (:func:`plan_frames`; a note when a clip given reaches past them).
     * labels: "0,2" or class names, cycled over the samples (None: every class in turn).
+    * window: model frames per model call for long clips (:func:`generate`); None = one call.
     * settings: the sampler; guidance not chosen = the recipe's ``sample.cfg_scale``.
     * A latent-space checkpoint is decoded with the VAE it recorded (``vae_path`` when its folder
       moved; eqm.latent.checkpoint_vae).
@@ -551,14 +599,15 @@ def sample_checkpoint(
     settings = settings.with_default_guidance(recipe_cfg_scale(recipe) if y is not None else 1.0)
     try:
         gen = generate(model, fps=rate, num_frames=T, num_samples=num_samples, labels=y, settings=settings,
-                       seed=seed, batch_size=batch_size, dtype=dtype, progress=progress, vae=decoder)
+                       seed=seed, batch_size=batch_size, dtype=dtype, progress=progress, vae=decoder, window=window)
     except NonFiniteError as e:  # the model is what broke: name its checkpoint
         raise NonFiniteError(f"checkpoint {state['checkpoint']}: {e}") from None
     weights = "ema" if Path(state["weights"]).name == EMA_FILE else "raw"
     written = write_generation(
         gen, out_dir, fmt=fmt, png=png, grid=grid, scale=upscale, class_names=class_names,
         meta={"checkpoint": state["checkpoint"], "step": state.get("step"), "weights": weights,
-              "time_mode": model.config.time_mode, "vae": None if decoder is None else decoder.identity.to_dict()},
+              "time_mode": model.config.time_mode, "window": window,
+              "vae": None if decoder is None else decoder.identity.to_dict()},
     )
     for text in written.warnings:
         note(text)

@@ -343,3 +343,61 @@ def test_sample_checkpoint_notes_the_ema_fallback(tmp_path):
                             out_dir=tmp_path / "o", on_note=seen.append)
     assert seen == res.notes and len(seen) == 1 and "no EMA weights" in seen[0]
     assert json.loads(res.written.manifest.read_text())["weights"] == "raw"
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def test_window_spans_cover_the_clip_with_half_window_overlaps():
+    from eqm.errors import ParamError
+    from eqm.generate import window_spans
+
+    assert window_spans(10) == [(0, 10)] and window_spans(10, 10) == [(0, 10)] and window_spans(10, 16) == [(0, 10)]
+    spans = window_spans(60, 8)
+    assert spans[0] == (0, 8) and spans[-1] == (52, 60)
+    assert all(b - a == 8 for a, b in spans)
+    assert all(a2 - a1 == 4 for (a1, _), (a2, _) in zip(spans, spans[1:]))
+    assert window_spans(11, 8) == [(0, 8), (3, 11)]  # the last window ends at the clip's end
+    assert window_spans(12, 4, temporal_patch=2) == [(0, 4), (2, 6), (4, 8), (6, 10), (8, 12)]
+    for bad, tp in ((1, 1), (3, 2), (2.5, 1), (True, 1)):
+        with pytest.raises(ParamError, match="window"):
+            window_spans(20, bad, temporal_patch=tp)
+
+
+def test_windowed_generation_clamps_each_window_to_the_frames_before(monkeypatch):
+    """Every window after the first gets the frames already made as clamped known frames, and the
+    clip is exactly what the windows left (no frame regenerated after it was made)."""
+    import eqm.sampler as S
+    from eqm.generate import generate
+
+    model = make_model()
+    calls, real = [], S.sample
+
+    def spy(model_, x, ts, y, settings, *, known=None, known_mask=None, **kw):
+        out = real(model_, x, ts, y, settings, known=known, known_mask=known_mask, **kw)
+        calls.append((None if known_mask is None else known_mask.clone(), None if known is None else known.clone(), out.x.clone()))
+        return out
+
+    monkeypatch.setattr(S, "sample", spy)
+    settings = SamplerSettings(steps=3, tol=0.0)
+    gen = generate(model, fps=24, num_frames=10, num_samples=2, labels=torch.tensor([0, 1]), settings=settings, window=4)
+    assert gen.num_frames == 10 and len(calls) == 4  # windows [0,4) [2,6) [4,8) [6,10)
+    assert calls[0][0] is None
+    for mask, known, out in calls[1:]:
+        assert mask[:, :2].all() and not mask[:, 2:].any()
+        assert torch.equal(out[:, :, :2], known[:, :, :2])  # clamped frames come back unchanged
+    assert gen.evals.tolist() == [12, 12]  # 3 steps in each of 4 windows
+    assert torch.equal(gen.videos[:, :, 8:], calls[-1][2][:, :, 2:].clamp(-1, 1))
+
+
+def test_cli_window_writes_the_whole_clip_and_records_it(tmp_path, ckpt):
+    out = tmp_path / "out"
+    code, stdout, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "30", "--frames", "9", "-N", "1",
+                                "--steps", "2", "--window", "4", "--out", str(out), "--json"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["window"] == 4 and doc["num_frames"] == 9
+    assert len(read_back(out / doc["samples"][0]["file"])[1]) == 9
+    code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "30", "--frames", "9", "--window", "1",
+                           "--out", str(tmp_path / "bad")])
+    assert code == 2 and "window" in stderr and len(stderr.strip().splitlines()) == 1

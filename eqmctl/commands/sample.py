@@ -34,6 +34,7 @@ def sample(
     grid: bool = typer.Option(False, "--grid", help="Also write a grid image (rows: samples, columns: frames)."),
     upscale: int = typer.Option(1, "--upscale", help="Enlarge the written frames by this integer factor (nearest neighbour)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples generated together (default: all)."),
+    window: Optional[int] = typer.Option(None, "--window", "-w", help="Frames per model call: a longer clip is made window by window, each half clamped to the frames before it, so a model trained on short clips samples long ones at its training length (default: the whole clip in one call; latent frames for a latent model)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32; bf16 autocast (CUDA or CPU); fp16 autocast (CUDA)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
@@ -51,7 +52,8 @@ def sample(
         from eqm.official import is_official_file
 
         if ckpt is not None and is_official_file(ckpt):
-            ignored = [flag for flag, v in (("--fps", fps), ("--frames", frames), ("--seconds", seconds)) if v is not None]
+            ignored = [flag for flag, v in (("--fps", fps), ("--frames", frames), ("--seconds", seconds), ("--window", window))
+                       if v is not None]
             if ignored:
                 warn(f"{', '.join(ignored)} ignored: {ckpt} is an image model (T = 1)")
             return _sample_official(
@@ -74,7 +76,7 @@ def sample(
             run = sample_checkpoint(
                 ckpt, fps=rate, out_dir=out, frames=frames, seconds=seconds, num_samples=num_samples, labels=labels,
                 settings=settings, seed=seed, use_ema=ema, runs_root=runs_root, fmt=fmt, png=png, grid=grid,
-                upscale=upscale, batch_size=batch_size, device=device, dtype=dtype, vae_path=vae,
+                upscale=upscale, batch_size=batch_size, device=device, dtype=dtype, vae_path=vae, window=window,
                 progress=progress_cb, on_note=warn,
             )
         finally:
