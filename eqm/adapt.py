@@ -244,11 +244,12 @@ def init_from(model, path, weights: str = "ema") -> InitReport:
     Returns the :class:`InitReport` (its ``lines()`` are the start-up table; ``warnings`` and the
     loader's notes are in ``warnings``).
     """
+    from .checkpoint import load_into
     from .official import load_weights_from
 
     loaded = load_weights_from(path, weights)
     sd, report = adapt_state_dict(loaded.state_dict, model, source=loaded.source, weights=loaded.weights,
                                   src_classes=loaded.num_classes)
     report.warnings[:0] = list(loaded.notes)
-    model.load_state_dict(sd, strict=True)
+    load_into(model, sd, loaded.source)
     return report

@@ -33,6 +33,7 @@ from . import fsio
 from .errors import EqmError
 from .jsonio import dumps
 from .recipe import Recipe
+from .timebase import format_eta
 from .vae import Vae, VaeIdentity, load_vae, num_decoded_frames
 
 PathLike = Union[str, Path]
@@ -291,15 +292,9 @@ def _encode_shards(dataset, vae, todo, out, recipe, shard_size, rank, world, log
         rate = done / max(time.time() - t0, 1e-9)
         left = sum(min(len(dataset), (x + 1) * shard_size) - x * shard_size for x in todo[k + 1:])
         log(f"shard {k + 1}/{len(todo)}" + (f" (process 0 of {world})" if world > 1 else "")
-            + f": {done} clips, {rate:.1f} clips/s, eta {_fmt_eta(left / max(rate, 1e-9))}"
+            + f": {done} clips, {rate:.1f} clips/s, eta {format_eta(left / max(rate, 1e-9))}"
             + (f", {len(broken)} unreadable" if broken else ""))
     return rate
-
-
-def _fmt_eta(seconds: float) -> str:
-    m, s = divmod(max(0, int(round(seconds))), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def _finish(out: Path, num_shards: int) -> tuple[int, int, int]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import EqmError
+from .errors import EqmError, brief
 
 PathLike = Union[str, Path]
 
@@ -208,6 +208,22 @@ def _named_size(args: dict, source: str) -> tuple[Optional[str], Optional[int]]:
     return m.group(1), int(m.group(2))
 
 
+def _int_arg(args: dict, key: str, source) -> Optional[int]:
+    """args[key] as an integer (None when absent); a value that is not one is a one-line EqmError."""
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise EqmError(f"{source}: args.{key} must be an integer, got {brief(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise EqmError(f"{source}: args.{key} must be an integer, got {brief(value)}") from None
+    if not number.is_integer():
+        raise EqmError(f"{source}: args.{key} must be an integer, got {brief(value)}")
+    return int(number)
+
+
 def official_arch(args: dict, sd: dict, source: str = "checkpoint") -> dict:
     """The EqMConfig fields (``EqMConfig.from_dict`` reads them) of an official image checkpoint.
 
@@ -230,14 +246,15 @@ def official_arch(args: dict, sd: dict, source: str = "checkpoint") -> dict:
     if grid * grid != n_tok or p != p2:
         raise EqmError(f"{source}: pos_embed has {n_tok} tokens with {p}x{p2} patches; expected a square grid of square patches")
     input_size = grid * p
-    if args.get("image_size") is not None and int(args["image_size"]) // VAE_FACTOR != input_size:
-        raise EqmError(f"{source}: args.image_size {args['image_size']} means {int(args['image_size']) // VAE_FACTOR}x"
-                       f"{int(args['image_size']) // VAE_FACTOR} latents, but pos_embed is for {input_size}x{input_size}")
+    image_size = _int_arg(args, "image_size", source)
+    if image_size is not None and image_size // VAE_FACTOR != input_size:
+        raise EqmError(f"{source}: args.image_size {image_size} means {image_size // VAE_FACTOR}x"
+                       f"{image_size // VAE_FACTOR} latents, but pos_embed is for {input_size}x{input_size}")
     out = _shape(sd, "final_layer.linear.weight", source, ndim=2)[0]
     if out not in (p * p * C, 2 * p * p * C):
         raise EqmError(f"{source}: final_layer.linear.weight has {out} outputs; expected {p * p * C} or {2 * p * p * C}")
     rows = _shape(sd, "y_embedder.embedding_table.weight", source, ndim=2)[0]
-    num_classes = int(args.get("num_classes") or (rows - 1))
+    num_classes = _int_arg(args, "num_classes", source) or (rows - 1)
     if rows not in (num_classes, num_classes + 1):
         raise EqmError(f"{source}: y_embedder.embedding_table.weight has {rows} rows for {num_classes} classes")
     ebm = str(args.get("ebm", "none")).lower()

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .config import SamplerSettings
-from .errors import EqmError, ParamError
+from .errors import EqmError, NonFiniteError, ParamError
 from .timebase import format_fps, frames_for_duration, is_variable_rate, parse_fps
 
 MODES = ("resample", "speed", "model")
@@ -454,7 +454,7 @@ class _WindowRun:
         self.device = next(model.parameters()).device
 
     def fill(self, wins, buf, done, out, n_out, batch_size) -> list:
-        from .generate import sample_noise
+        from .generate import _check_work, sample_noise
 
         L = self.ts.shape[0]
         noise = sample_noise(len(wins), (buf.shape[1], L, *buf.shape[2:]), self.seed)
@@ -462,6 +462,8 @@ class _WindowRun:
         anchored = [i for i, win in enumerate(wins) if not win.chained]
         chained = [i for i, win in enumerate(wins) if win.chained]
         bs = max(1, len(anchored)) if batch_size is None else batch_size
+        guided = 2 if self.settings.guidance != 1.0 else 1
+        _check_work(self.model, L, min(bs, max(1, len(anchored))) * guided, self.device)
         groups = [anchored[i : i + bs] for i in range(0, len(anchored), bs)] + [[i] for i in chained]
         finished = 0
         for group in groups:
@@ -489,8 +491,8 @@ class _WindowRun:
                          known=known.to(dev), known_mask=mask.to(dev))
         res.x = res.x.float().cpu()
         if not torch.isfinite(res.x).all():
-            raise EqmError(
-                f"sampling diverged (non-finite values) with step_size {self.settings.step_size}; try a smaller step_size", exit_code=1
+            raise NonFiniteError(
+                f"sampling diverged (non-finite values) with step_size {self.settings.step_size}; try a smaller step_size"
             )
         if self.vae is None:
             res.x = res.x.clamp(-1, 1)

@@ -157,3 +157,10 @@ def is_variable_rate(pts: Sequence[float], *, rel_tol: float = 0.05, abs_tol: fl
         return True
     tol = max(rel_tol * med, abs_tol)
     return any(abs(g - med) > tol for g in gaps)
+
+
+def format_eta(seconds: float) -> str:
+    """A remaining time for progress lines: 'H:MM:SS' (negative times read as 0)."""
+    m, s = divmod(max(0, int(round(seconds))), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -30,6 +30,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import EqMConfig
 from .errors import EqmError
+from .timebase import format_eta
 from .recipe import Recipe, check_memory
 from .rundir import RunDir
 
@@ -303,10 +304,6 @@ class DivergenceGuard:
     def state(self) -> dict:
         return {"steps": self.steps, "log_loss": self.log_loss, "log_grad": self.log_grad}
 
-    @property
-    def loss_level(self) -> Optional[float]:
-        return None if self.log_loss is None else math.exp(self.log_loss)
-
     def verdict(self, loss: float, grad_norm: float) -> Optional[str]:
         """None for a healthy step (and the levels move), else what is wrong with it."""
         if not math.isfinite(loss):
@@ -503,13 +500,6 @@ class _Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 # ============================================================================================
@@ -969,7 +959,7 @@ class _Loop:
         eta = (t.steps - step) * self.global_batch / max(sps, 1e-9)
         self.reporter.line(
             f"step {step}/{t.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  grad_norm {gnf:.3f}  "
-            f"{sps:.1f} samples/s  eta {_fmt_eta(eta)}"
+            f"{sps:.1f} samples/s  eta {format_eta(eta)}"
         )
         self.window_loss, self.window_steps, self.window_t = 0.0, 0, time.time()
 

@@ -87,6 +87,25 @@ def test_official_args_must_agree_with_the_weights(tmp_path):
         read_official(write_official(tmp_path / "c.pt", img, official_args(model="Foo-1")))
 
 
+def test_official_args_that_are_not_numbers_are_one_line_errors(tmp_path):
+    img = image_model()
+    for key, bad in (("image_size", "large"), ("num_classes", "ten"), ("image_size", 64.5), ("num_classes", [10])):
+        with pytest.raises(EqmError, match=f"args.{key} must be an integer"):
+            read_official(write_official(tmp_path / f"{key}.pt", img, official_args(**{key: bad})))
+    assert read_official(write_official(tmp_path / "ok.pt", img, official_args(image_size="64"))).kind == "official"
+
+
+def test_init_from_checks_the_weights_it_loads(tmp_path):
+    """NaN weights in an official file are refused by init_from, as by every other loader."""
+    img = image_model()
+    poisoned = {k: v.clone() for k, v in img.state_dict().items()}
+    poisoned["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save({"model": poisoned, "ema": poisoned, "args": official_args()}, path)
+    with pytest.raises(EqmError, match="blocks.0.mlp.fc1.weight"):
+        init_from(video_model(), path)
+
+
 def test_bare_state_dict_and_energy_args(tmp_path):
     img = image_model()
     torch.save(img.state_dict(), tmp_path / "bare.pt")

@@ -25,7 +25,7 @@ def sample(
     seconds: Optional[float] = typer.Option(None, "--seconds", "-s", help="Clip duration in seconds instead of --frames (frames = seconds * fps, halves rounded up)."),
     num_samples: int = typer.Option(4, "--num-samples", "-N", help="Number of clips."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated class indices or names, cycled over the samples (default: all classes in turn)."),
-    vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (default for an eqmctl latent checkpoint: the folder it recorded, which must hold the same VAE; official EqM: stabilityai/sd-vae-ft-ema)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (default for an eqmctl latent checkpoint: the folder it recorded, which must hold the same VAE; required for an official EqM .pt: a local folder of stabilityai/sd-vae-ft-ema)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed; sample i always gets the same noise for a given seed."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", file_okay=False, help="Output folder."),
