@@ -147,9 +147,11 @@ def sample_official(
     ``notes`` are remarks for the user).  labels: "207,360" or None (all classes in turn).
     settings: the sampler; what is not chosen takes the paper's settings, guidance 1.
     """
-    from .generate import parse_labels
+    from .generate import check_batch_options, check_output_options, parse_labels
     from .official import load_official_model
 
+    check_output_options(out_dir)  # before the (large) checkpoint is read and sampled
+    check_batch_options(num_samples, batch_size)
     model, loaded = load_official_model(ckpt, weights, device=device)
     vae = None
     if vae_path is not None:

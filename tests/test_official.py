@@ -431,6 +431,9 @@ def test_sample_official_errors_are_one_line(official, tmp_path):
     assert not (tmp_path / "o").exists()
     res = runner.invoke(app, ["sample", "--ckpt", str(path), "--vae", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "VAE folder not found" in res.output
+    (tmp_path / "file").write_text("x")  # an --out that is a file fails before the checkpoint is read
+    res = runner.invoke(app, ["sample", "--ckpt", str(path), "--out", str(tmp_path / "file")])
+    assert res.exit_code == 2 and "not a folder" in res.output and (tmp_path / "file").read_text() == "x"
     marker = tmp_path / "pwned"
     torch.save({"ema": {}, "args": _Marker(str(marker))}, tmp_path / "evil.pt")
     res = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")])

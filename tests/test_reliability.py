@@ -550,3 +550,22 @@ def test_probe_lists_each_video_once_under_its_real_folder(tmp_path):
     mp = tmp_path / "m.jsonl"
     assert run(["probe-fps", "--manifest", mp, root])[0] == 0
     assert sorted(r.label for r in read_manifest(mp)) == ["cats", "dogs", "linked"]
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_and_the_file_stays(tmp_path):
+    """--out / --run-dir naming an existing file: one `error:` line, exit 2, the file untouched
+    (Click's own folder check printed a multi-line usage box)."""
+    from tests.test_sample import make_model, save_run
+
+    ckpt = save_run(tmp_path / "runs" / "r", make_model())
+    target = tmp_path / "file"
+    target.write_text("keep")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {steps: 1}\n")
+    for args in (["sample", "--ckpt", str(ckpt), "--fps", "24", "--out", str(target)],
+                 ["inspect-embed", "--out", str(target)],
+                 ["train", str(recipe), "--run-dir", str(target)]):
+        r = CliRunner().invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, r.output)
+        assert str(target.name) in lines[0] and target.read_text() == "keep"

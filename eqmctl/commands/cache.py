@@ -15,7 +15,7 @@ def cache(
         None, metavar="[KEY=VALUE]...", show_default=False,
         help="Recipe overrides such as vae.path=models/sd-vae-ft-ema data.clips_per_file=4.",
     ),
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Cache directory (new, or one to resume)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache directory (new, or one to resume)."),
     shard_size: int = typer.Option(64, "--shard-size", min=1, help="Clips per shard file."),
 ) -> None:
     """Encode the recipe's dataset through its VAE into safetensors shards plus an index.

@@ -35,8 +35,8 @@ def calibrate(
         "checkpoint recorded, which must hold the same VAE).",
     ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
-    out: Path = typer.Option(Path("calibration"), "--out", "-o", file_okay=False, help="Folder for calibration.json and calibration.png."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run when --ckpt is omitted."),
+    out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Folder for calibration.json and calibration.png."),
     json_out: bool = typer.Option(False, "--json", help="Print calibration.json on stdout instead of the table."),
     settings=None,
 ) -> None:

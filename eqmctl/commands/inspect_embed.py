@@ -38,7 +38,7 @@ def inspect_embed(
     rates: str = typer.Option("6,12,24,60", "--rates", help="Frame rates to show, comma-separated (29.97 and 30000/1001 are exact)."),
     compare: str = typer.Option("24,60", "--compare", help="Two rates for the frame-to-frame similarity matrix."),
     seconds: float = typer.Option(1.0, "--seconds", "-s", help="Clip duration in seconds for the heatmap and similarity plots."),
-    out: Path = typer.Option(Path("embed-inspect"), "--out", "-o", file_okay=False, help="Folder for the PNG files."),
+    out: Path = typer.Option(Path("embed-inspect"), "--out", "-o", help="Folder for the PNG files."),
     json_out: bool = typer.Option(False, "--json", help="Print the numbers as JSON on stdout instead of the table."),
 ) -> None:
     """Plot the temporal positional encoding of a checkpoint, a recipe or the given options.

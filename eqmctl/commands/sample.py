@@ -28,7 +28,7 @@ def sample(
     vae: Optional[Path] = typer.Option(None, "--vae", help="Local folder of the VAE that decodes the model's latents (default for an eqmctl latent checkpoint: the folder it recorded, which must hold the same VAE; required for an official EqM .pt: a local folder of stabilityai/sd-vae-ft-ema)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed; sample i always gets the same noise for a given seed."),
     ema: bool = typer.Option(True, "--ema/--raw", help="Use the EMA weights (default) or the raw training weights."),
-    out: Path = typer.Option(Path("samples"), "--out", "-o", file_okay=False, help="Output folder."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder."),
     fmt: str = typer.Option("mp4", "--format", "-f", help="mp4 (H.264, exact frame rate), mkv or gif."),
     png: bool = typer.Option(False, "--png", help="Also write every frame as PNG."),
     grid: bool = typer.Option(False, "--grid", help="Also write a grid image (rows: samples, columns: frames)."),
@@ -37,7 +37,7 @@ def sample(
     window: Optional[int] = typer.Option(None, "--window", "-w", help="Frames per model call: a longer clip is made window by window, each half clamped to the frames before it, so a model trained on short clips samples long ones at its training length (default: the whole clip in one call; latent frames for a latent model)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32; bf16 autocast (CUDA or CPU); fp16 autocast (CUDA)."),
-    runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Where to look for the latest run when --ckpt is omitted."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run when --ckpt is omitted."),
     json_out: bool = typer.Option(False, "--json", help="Print the written samples as JSON on stdout."),
     settings=None,
 ) -> None:

@@ -17,7 +17,7 @@ def train(
         help="Recipe overrides such as train.lr=3e-4 model.time.mode=index (values are YAML scalars, type-checked).",
     ),
     run_dir: Optional[Path] = typer.Option(
-        None, "--run-dir", "-o", file_okay=False, help="Run directory (default: RUNS_ROOT/<recipe name>-<timestamp>).",
+        None, "--run-dir", "-o", help="Run directory (default: RUNS_ROOT/<recipe name>-<timestamp>).",
     ),
     resume: Optional[str] = typer.Option(
         None, "--resume", metavar="CKPT|RUN|latest",
@@ -30,7 +30,7 @@ def train(
         False, "--validate", "--dry-run",
         help="Build the dataset, model and optimizer, read one clip, print a summary and exit without training.",
     ),
-    runs_root: Path = typer.Option(Path("runs"), "--runs-root", file_okay=False, help="Parent of new run directories."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Parent of new run directories."),
     schema: bool = typer.Option(False, "--schema", help="Print every recipe key with its type, default and meaning, and exit."),
 ) -> None:
     """Train an EqM video model from a YAML recipe, with real per-frame timestamps.
