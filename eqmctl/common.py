@@ -149,3 +149,26 @@ def with_sampler_settings(prefix: str = "", *, only=None, official: Optional[dic
         return run
 
     return wrap
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: Optional[int] = None, enabled: bool = True):
+    """A transient rich progress bar on stderr for the length of a long library call.
+
+    Yields the callback to pass as the call's ``progress``: ``progress(done, total=None)`` (a
+    total given there replaces ``total``), or None when ``enabled`` is false (no TTY, --json).
+    """
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err_console, transient=True)
+    task = bar.add_task(label, total=total)
+
+    def update(done: int, new_total: Optional[int] = None) -> None:
+        bar.update(task, completed=done, **({} if new_total is None else {"total": new_total}))
+
+    with bar:
+        yield update

@@ -2,6 +2,7 @@
 recorded (a tiny diffusers AutoencoderKL on disk), reference clips read in pixels from the videos
 the latent cache was made from; a moved VAE or cache is a one-line error."""
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -53,34 +54,38 @@ def test_calibrate_measures_a_latent_checkpoint_on_decoded_frames(latent_run, tm
     assert doc["reference"]["data"] == "synthetic source" and doc["reference"]["measured"] > 0
 
 
+@contextlib.contextmanager
+def moved_aside(path, to):
+    """``path`` moved to ``to`` for the block, then put back (the module's run is shared)."""
+    shutil.move(str(path), to)
+    try:
+        yield to
+    finally:
+        shutil.move(str(to), path)
+
+
+def assert_one_error(res, text):
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and text in errors[0], res.output
+
+
 def test_a_moved_vae_is_one_line_and_vae_names_its_new_folder(latent_run, tmp_path):
     run, vae, _ = latent_run
-    moved = tmp_path / "moved-kl"
-    shutil.move(str(vae), moved)
-    try:
+    with moved_aside(vae, tmp_path / "moved-kl") as moved:
         res = calibrate(run, tmp_path / "cal")
-        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-        assert res.exit_code == 2 and len(errors) == 1 and "VAE folder not found" in errors[0], res.output
+        assert_one_error(res, "VAE folder not found")
         assert "Traceback" not in res.output and not (tmp_path / "cal").exists()
         res = calibrate(run, tmp_path / "cal", "--rates", "24", "--vae", str(moved))
         assert res.exit_code == 0, res.output
         assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["results"][0]["clips"] == 2
-    finally:
-        shutil.move(str(moved), vae)
 
 
 def test_a_missing_latent_cache_asks_for_the_source_videos(latent_run, tmp_path):
     run, _, cache = latent_run
-    moved = tmp_path / "moved-cache"
-    shutil.move(str(cache), moved)
-    try:
-        res = calibrate(run, tmp_path / "cal")
-        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-        assert res.exit_code == 2 and len(errors) == 1 and "pass data (--data" in errors[0], res.output
+    with moved_aside(cache, tmp_path / "moved-cache"):
+        assert_one_error(calibrate(run, tmp_path / "cal"), "pass data (--data")
         source = tmp_path / "source.yaml"  # the recipe the cache was made from, in pixels
         source.write_text(yaml.safe_dump(load_recipe(TINY, PIXELS).to_dict()))
         res = calibrate(run, tmp_path / "cal", "--rates", "24", "--data", str(source))
         assert res.exit_code == 0, res.output
         assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["reference"]["measured"] > 0
-    finally:
-        shutil.move(str(moved), cache)

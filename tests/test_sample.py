@@ -401,3 +401,20 @@ def test_cli_window_writes_the_whole_clip_and_records_it(tmp_path, ckpt):
     code, _, stderr = run(["sample", "--ckpt", str(ckpt), "--fps", "30", "--frames", "9", "--window", "1",
                            "--out", str(tmp_path / "bad")])
     assert code == 2 and "window" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_the_cli_progress_bar_takes_updates_and_can_be_off(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import eqmctl.common as common
+
+    stream = io.StringIO()
+    monkeypatch.setattr(common, "err_console", Console(file=stream, force_terminal=True, width=80))
+    with common.progress_bar("sampling", 3) as update:
+        update(1)
+        update(2, 5)  # a total given with the update replaces the first one
+    assert "2/5" in stream.getvalue()
+    with common.progress_bar("sampling", 3, enabled=False) as update:
+        assert update is None

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from eqmctl.common import console, err_console, is_tty, user_errors, warn, with_sampler_settings
+from eqmctl.common import console, is_tty, progress_bar, user_errors, warn, with_sampler_settings
 
 
 @with_sampler_settings("model: ")
@@ -72,28 +72,15 @@ def retime(
                 raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH (a checkpoint or run directory)")
             model, state, kwargs = _load(ckpt, ema, device, settings, label, window, batch_size, seed, dtype, vae)
 
-        bar, progress_cb = None, None
-        if mode == "model" and is_tty() and not json_out:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            bar = Progress(TextColumn("generating in-betweens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           console=err_console, transient=True)
-            task = bar.add_task("windows", total=None)
-            progress_cb = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-
         from eqm.errors import NonFiniteError
         from eqm.retime import retime_video
 
         try:
-            if bar is not None:
-                bar.start()
-            res = retime_video(input, out, rate, mode, blend=blend and mode == "resample", model=model, crf=crf,
-                               progress=progress_cb, **kwargs)
+            with progress_bar("generating in-betweens", enabled=mode == "model" and is_tty() and not json_out) as progress_cb:
+                res = retime_video(input, out, rate, mode, blend=blend and mode == "resample", model=model, crf=crf,
+                                   progress=progress_cb, **kwargs)
         except NonFiniteError as e:  # the model is what broke: name its checkpoint
             raise NonFiniteError(f"checkpoint {state.get('checkpoint')}: {e}") from None
-        finally:
-            if bar is not None:
-                bar.stop()
         for n in res.notices:
             warn(n)
         if json_out:

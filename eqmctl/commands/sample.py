@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from eqmctl.common import console, err_console, is_tty, user_errors, warn, with_sampler_settings
+from eqmctl.common import console, err_console, is_tty, progress_bar, user_errors, warn, with_sampler_settings
 
 
 @with_sampler_settings(official={
@@ -71,17 +71,13 @@ def sample(
         if ckpt is None:  # say which one before the (long) sampling starts
             ckpt = resolve_checkpoint(None, runs_root, warn=warn)  # a damaged newest checkpoint: the one before
             err_console.print(f"using the latest checkpoint: [bold]{ckpt}[/]", highlight=False)
-        progress_cb, bar = _progress(num_samples, enabled=is_tty() and not json_out)
-        try:
+        with progress_bar("sampling", num_samples, enabled=is_tty() and not json_out) as progress_cb:
             run = sample_checkpoint(
                 ckpt, fps=rate, out_dir=out, frames=frames, seconds=seconds, num_samples=num_samples, labels=labels,
                 settings=settings, seed=seed, use_ema=ema, runs_root=runs_root, fmt=fmt, png=png, grid=grid,
                 upscale=upscale, batch_size=batch_size, device=device, dtype=dtype, vae_path=vae, window=window,
                 progress=progress_cb, on_note=warn,
             )
-        finally:
-            if bar is not None:
-                bar.stop()
         if json_out:
             print(_json.dumps(_json.loads(run.written.manifest.read_text()), indent=2))
             return
@@ -120,12 +116,8 @@ def _sample_official(ckpt, out, *, json_out: bool, device, **options) -> None:
     from eqm.generate import resolve_device
     from eqm.images import sample_official
 
-    progress_cb, bar = _progress(options["num_samples"], enabled=is_tty() and not json_out)
-    try:
+    with progress_bar("sampling", options["num_samples"], enabled=is_tty() and not json_out) as progress_cb:
         summary, gen, loaded = sample_official(ckpt, out, device=resolve_device(device), progress=progress_cb, **options)
-    finally:
-        if bar is not None:
-            bar.stop()
     for note in loaded.notes:
         warn(note)
     if json_out:
@@ -147,13 +139,3 @@ def _sample_official(ckpt, out, *, json_out: bool, device, **options) -> None:
     console.print(f"details: {summary.manifest}  grid: {summary.grid}", highlight=False)
 
 
-def _progress(total: int, enabled: bool):
-    """(callback, bar) for a rich progress bar over ``total`` samples, or (None, None)."""
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
-    task = bar.add_task("sample", total=total)
-    bar.start()
-    return (lambda n: bar.update(task, completed=n)), bar
