@@ -11,6 +11,8 @@ keeps the initial video model equal to the image model where the two can be comp
 * ``learn_sigma``: EqM never uses the second half of ``final_layer.linear`` (SiT's sigma head);
   a model without it drops that half, a model with it keeps the source's (or starts it at 0).
 * ``fps-embed``: the new fps embedder's last layer is zeroed, so it adds 0 to the conditioning.
+* ``attention: divided``: the new attention across frames has its output projection zeroed, so
+  every block starts as the image block run on each frame.
 * RoPE models have no ``pos_embed`` (dropped; a RoPE source into a sin/cos model gets the table);
   sin/cos models at another input size keep their own recomputed table (it is fixed, not learned).
 * Another class count: the class rows start from the model's own initialisation (a warning),
@@ -38,6 +40,8 @@ _OUT_W, _OUT_B = "final_layer.linear.weight", "final_layer.linear.bias"
 _LABELS = "y_embedder.embedding_table.weight"
 _POS = "pos_embed"
 _FPS = "fps_embedder."
+#: model.attention=divided: attention across frames, which no image checkpoint has.
+_TEMPORAL = re.compile(r"blocks\.\d+\.temporal_attn\.")
 
 
 @dataclass
@@ -203,6 +207,8 @@ def adapt_state_dict(src: dict, model, *, source: str = "checkpoint", weights: s
             report.add("dropped", key, "RoPE model: positions are rotary, no table")
         elif key.startswith(_FPS):
             report.add("dropped", key, "the model is not in fps-embed mode")
+        elif _TEMPORAL.match(key):
+            report.add("dropped", key, "the model's attention is full, not divided")
         else:
             raise EqmError(f"{source}: '{key}' in the checkpoint has no place in the model (model.depth or the architecture differs)")
     return out, report
@@ -213,6 +219,10 @@ def _map_one(key, mine, src, model, source, src_classes, report):
     if key.startswith(_FPS) and key not in src:
         if re.fullmatch(r"fps_embedder\.mlp\.2\.(weight|bias)", key):
             return torch.zeros_like(mine), "new", "zeroed: the fps embedding adds 0 at the start"
+        return mine, "new", ""
+    if _TEMPORAL.match(key) and key not in src:
+        if key.endswith(("proj.weight", "proj.bias")):
+            return torch.zeros_like(mine), "new", "zeroed: attention across frames adds 0 at the start"
         return mine, "new", ""
     if key == _POS and key not in src:
         return mine, "new", "fixed sin/cos table; the checkpoint has none (a RoPE model)"

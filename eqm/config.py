@@ -39,6 +39,9 @@ POS_KINDS = ("sincos", "rope")
 TIME_ORDERS = ("paired", "aligned")
 DEFAULT_TIME_ORDER = "aligned"
 ENERGY_KINDS = (None, "dot", "l2")
+#: Attention layouts: one softmax over every token of the clip, or DiT's spatial attention per
+#: frame followed by attention across frames at each patch position (docs/design.md#attention).
+ATTENTION_KINDS = ("full", "divided")
 
 #: Values for fields that saved architectures may lack because they predate the field.  A
 #: missing field of any other name takes the dataclass default.
@@ -132,6 +135,7 @@ class EqMConfig:
     time_frac: float = DEFAULT_TIME_FRAC
     time_order: str = DEFAULT_TIME_ORDER
     energy: Optional[str] = None
+    attention: str = "full"
 
     def __post_init__(self):
         size = self.input_size
@@ -168,6 +172,7 @@ class EqMConfig:
         need(self.ref_fps > 0, "ref_fps", "must be > 0")
         need(self.time_order in TIME_ORDERS, "time_order", f"must be one of {', '.join(TIME_ORDERS)}")
         need(self.energy in ENERGY_KINDS, "energy", "must be None, 'dot' or 'l2'")
+        need(self.attention in ATTENTION_KINDS, "attention", f"must be one of {', '.join(ATTENTION_KINDS)}")
         self.time_channels  # the channel split must exist (raises naming hidden_size or time_frac)
         budget.check_model("model", hidden_size=self.hidden_size, depth=self.depth, mlp_ratio=self.mlp_ratio,
                            in_channels=self.in_channels, patch_size=self.patch_size, temporal_patch=self.temporal_patch,

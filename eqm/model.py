@@ -120,6 +120,13 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def _sdpa(q, k, v, math_sdpa: bool):
+    if math_sdpa:  # double backward (energy training) needs the math kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     """timm-compatible multi-head self-attention (qkv, proj) on SDPA, with optional 3D RoPE."""
 
@@ -136,12 +143,14 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         if rope is not None:
             q, k = E.apply_rope(q, *rope), E.apply_rope(k, *rope)
-        if math_sdpa:  # double backward (energy training) needs the math kernel
-            with sdpa_kernel(SDPBackend.MATH):
-                x = F.scaled_dot_product_attention(q, k, v)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # PyTorch's CPU flash attention is several times slower in bf16 than in fp32 (its
+            # backward above all): under bf16 autocast the projections run in bf16, SDPA in fp32.
+            with torch.autocast("cpu", enabled=False):
+                x = _sdpa(q.float(), k.float(), v.float(), math_sdpa)
         else:
-            x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+            x = _sdpa(q, k, v, math_sdpa)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C).to(qkv.dtype))
 
 
 class Mlp(nn.Module):
@@ -161,22 +170,66 @@ class Mlp(nn.Module):
 #                                 Core EqM model                                #
 #################################################################################
 
-class EqMBlock(nn.Module):
-    """A DiT/SiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+def frames_view(x: torch.Tensor, hw: int) -> torch.Tensor:
+    """(B, T*hw, ...) tokens in (time, row, col) order -> (B*T, hw, ...): one sequence per frame."""
+    return x.reshape(-1, hw, *x.shape[2:])
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+
+def tracks_view(x: torch.Tensor, hw: int) -> torch.Tensor:
+    """(B, T*hw, ...) -> (B*hw, T, ...): one sequence per patch position, across the frames."""
+    B, N = x.shape[:2]
+    return x.reshape(B, N // hw, hw, *x.shape[2:]).transpose(1, 2).reshape(B * hw, N // hw, *x.shape[2:])
+
+
+def from_tracks(x: torch.Tensor, B: int) -> torch.Tensor:
+    """Inverse of :func:`tracks_view`: (B*hw, T, ...) -> (B, T*hw, ...)."""
+    hw, T = x.shape[0] // B, x.shape[1]
+    return x.reshape(B, hw, T, *x.shape[2:]).transpose(1, 2).reshape(B, T * hw, *x.shape[2:])
+
+
+def _rope_view(rope, B: int, hw: int, view):
+    """RoPE (cos, sin), each (B|1, 1, N, d), laid out like the tokens under ``view``."""
+    if rope is None:
+        return None
+    return tuple(view(r.expand(B, -1, -1, -1).squeeze(1), hw).unsqueeze(1) for r in rope)
+
+
+class EqMBlock(nn.Module):
+    """A DiT/SiT block with adaptive layer norm zero (adaLN-Zero) conditioning.
+
+    ``divided=True`` adds attention across frames (``temporal_attn``, one sequence per patch
+    position) before DiT's attention, which then runs within each frame.  Its output projection
+    starts at zero, so a new divided block computes exactly what the image block computes.
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, divided=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.divided = divided
+        if divided:
+            self.norm_t = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.temporal_attn = Attention(hidden_size, num_heads=num_heads)
 
-    def forward(self, x, c, rope=None, math_sdpa=False):
+    def forward(self, x, c, rope=None, math_sdpa=False, hw=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, math_sdpa)
+        if self.divided:
+            x = x + self._across_frames(modulate(self.norm_t(x), shift_msa, scale_msa), rope, math_sdpa, hw)
+            h = modulate(self.norm1(x), shift_msa, scale_msa)
+            a = self.attn(frames_view(h, hw), _rope_view(rope, x.shape[0], hw, frames_view), math_sdpa)
+            x = x + gate_msa.unsqueeze(1) * a.reshape(x.shape)
+        else:
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, math_sdpa)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def _across_frames(self, h, rope, math_sdpa, hw):
+        B = h.shape[0]
+        out = self.temporal_attn(tracks_view(h, hw), _rope_view(rope, B, hw, tracks_view), math_sdpa)
+        return from_tracks(out, B)
 
 
 class FinalLayer(nn.Module):
@@ -216,7 +269,8 @@ class EqMTransformer(nn.Module):
         if cfg.pos == "sincos":
             # Fixed 2D sin/cos, stored like DiT (a Parameter without grad: official key "pos_embed").
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid[0] * cfg.grid[1], D), requires_grad=False)
-        self.blocks = nn.ModuleList([EqMBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        divided = cfg.attention == "divided"
+        self.blocks = nn.ModuleList([EqMBlock(D, cfg.num_heads, cfg.mlp_ratio, divided) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, cfg.temporal_patch * cfg.patch_size ** 2, cfg.out_channels)
         self.initialize_weights()
 
@@ -244,6 +298,9 @@ class EqMTransformer(nn.Module):
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            if block.divided:  # attention across frames starts as nothing: the block is the image block
+                nn.init.constant_(block.temporal_attn.proj.weight, 0)
+                nn.init.constant_(block.temporal_attn.proj.bias, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
@@ -331,8 +388,9 @@ class EqMTransformer(nn.Module):
         c = t + self.y_embedder(y, self.training)
         if pos.fps is not None:
             c = c + self.fps_embedder(pos.fps.expand(B))
+        hw = self.config.grid[0] * self.config.grid[1]
         for block in self.blocks:
-            tokens = block(tokens, c, pos.rope, math_sdpa)
+            tokens = block(tokens, c, pos.rope, math_sdpa, hw)
         out = self.unpatchify(self.final_layer(tokens, c), T)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]

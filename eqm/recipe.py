@@ -105,6 +105,11 @@ class ModelConfig:
     depth: Optional[int] = _f(None, "override the size's number of blocks; null = from `size`")
     num_heads: Optional[int] = _f(None, "override the size's attention heads; null = from `size`")
     mlp_ratio: float = _f(4.0, "MLP hidden width as a multiple of D")
+    attention: Literal["full", "divided"] = _f(
+        "full", "full (one attention over all tokens of a clip, as DiT over an image) or divided (attention "
+        "within each frame, then across frames at each patch position; cheaper, and a frame's attention "
+        "does not depend on the clip length): docs/design.md#attention"
+    )
     init_from: Optional[str] = _f(
         None,
         "initial weights: an official EqM .pt (e.g. the EqM-XL/2 ImageNet checkpoint), an eqmctl checkpoint "
@@ -331,6 +336,7 @@ ARCH_KEYS: dict[str, Optional[str]] = {
     "time_frac": "model.time.frac",
     "time_order": "model.time.order",
     "energy": "objective.energy",
+    "attention": "model.attention",
 }
 _FIELD_KEYS = {**{f: k for f, k in ARCH_KEYS.items() if k}, "input_size": "data.height/data.width",
                "num_frames": "data.num_frames", "num_classes": "model.num_classes", "size": "model.size"}

@@ -168,9 +168,10 @@ def test_timestamps_matter_exactly_as_the_mode_says(pos, mode):
     torch.testing.assert_close(at24, shifted, atol=1e-5, rtol=1e-5)  # positions are clip-relative
 
 
+@pytest.mark.parametrize("attention", ["full", "divided"])
 @pytest.mark.parametrize("pos", ["sincos", "rope"])
-def test_permuting_frames_changes_the_output(pos):
-    model = small(pos=pos)
+def test_permuting_frames_changes_the_output(pos, attention):
+    model = small(pos=pos, attention=attention)
     x, ts = clip_batch([30])
     perm = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():
@@ -183,10 +184,11 @@ def test_permuting_frames_changes_the_output(pos):
         torch.testing.assert_close(both, out[:, :, perm], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["full", "divided"])
 @pytest.mark.parametrize("pos", ["sincos", "rope"])
 @pytest.mark.parametrize("mode", ["seconds", "fps-embed"])
-def test_mixed_rate_batch_equals_each_sample_alone(pos, mode):
-    model = small(pos=pos, time_mode=mode)
+def test_mixed_rate_batch_equals_each_sample_alone(pos, mode, attention):
+    model = small(pos=pos, time_mode=mode, attention=attention)
     rates = [8, 60, 30000 / 1001]
     x, ts = clip_batch(rates)
     y = torch.tensor([0, 2, 1])
@@ -195,6 +197,57 @@ def test_mixed_rate_batch_equals_each_sample_alone(pos, mode):
         for i in range(len(rates)):
             alone = model(x[i:i + 1], ts[i:i + 1], y[i:i + 1])
             torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- divided attention
+
+def test_token_views_per_frame_and_per_position_round_trip():
+    from eqm.model import frames_view, from_tracks, tracks_view
+
+    B, T, hw, D = 2, 3, 4, 5
+    x = torch.randn(B, T * hw, D)
+    grid = x.reshape(B, T, hw, D)
+    torch.testing.assert_close(frames_view(x, hw), grid.reshape(B * T, hw, D), rtol=0, atol=0)
+    tracks = tracks_view(x, hw)  # sequence b*hw + j is patch j of clip b across its frames
+    torch.testing.assert_close(tracks[1 * hw + 2], grid[1, :, 2], rtol=0, atol=0)
+    torch.testing.assert_close(from_tracks(tracks, B), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+def test_divided_model_starts_as_the_full_model_on_each_frame(pos):
+    full = small(pos=pos)
+    divided = EqMTransformer(EqMConfig(**{**full.config.to_dict(), "attention": "divided"})).eval()
+    missing = divided.load_state_dict(full.state_dict(), strict=False).missing_keys
+    assert missing and all(".temporal_attn." in k for k in missing)
+    x, ts = clip_batch([24, 60])
+    y = torch.tensor([0, 2])
+    with torch.no_grad():
+        # a new divided block adds nothing across frames: changing frame 3 leaves frames 0-2 alone,
+        # and a single frame is exactly the full (image) model's output
+        moved = x.clone()
+        moved[:, :, 3] += 1.0
+        torch.testing.assert_close(divided(moved, ts, y)[:, :, :3], divided(x, ts, y)[:, :, :3], atol=1e-6, rtol=0)
+        torch.testing.assert_close(divided(x[:, :, :1], ts[:, :1], y), full(x[:, :, :1], ts[:, :1], y),
+                                   atol=1e-6, rtol=0)
+        randomize(divided)  # trained attention across frames: frame 0 now sees frame 3
+        assert (divided(moved, ts, y)[:, :, 0] - divided(x, ts, y)[:, :, 0]).abs().max() > 1e-3
+
+
+def test_bf16_autocast_on_the_cpu_stays_close_to_fp32_and_trains():
+    model = small(attention="divided", pos="rope").train()
+    x, ts = clip_batch([24, 30])
+    with torch.no_grad():
+        ref = model.eval()(x, ts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, ts)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, ts).float().pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_precomputed_positions_give_the_same_output():

@@ -222,6 +222,24 @@ def test_fps_embed_starts_as_the_image_model(official):
     assert torch.equal(a, b)
 
 
+def test_divided_attention_starts_as_the_image_model_on_every_frame(official):
+    img, path = official
+    video = video_model(attention="divided")
+    report = init_from(video, path)
+    new = report.keys("new")
+    assert new and all(".temporal_attn." in k for k in new) and len(new) == 4 * video.config.depth
+    assert all(torch.count_nonzero(b.temporal_attn.proj.weight) == 0 for b in video.blocks)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([4, 10])
+    assert same(video(x.unsqueeze(2), torch.zeros(2, 1), y).squeeze(2), img(x, None, y))
+    clip = x[:1].unsqueeze(2).repeat(1, 1, 4, 1, 1)  # four copies of one image, at any rate
+    out = video(clip, torch.arange(4.0)[None] / 8, y[:1])
+    assert same(out[:, :, 0], img(x[:1], None, y[:1]))
+    # and back: a divided model's weights into a full one drop the attention across frames
+    back = EqMTransformer(EqMConfig.from_size("tiny", **{**IMAGE, "num_frames": 4}))
+    sd, rep = adapt_state_dict(video.state_dict(), back)
+    assert sorted(rep.keys("dropped")) == sorted(new)
+
+
 def test_rope_model_has_no_pos_embed_to_load(official):
     _, path = official
     video = video_model(pos="rope")
