@@ -7,6 +7,8 @@ demo's sampler settings) at each rate of ``--rates``, and for each rate the benc
 * **coherent frames**: the share of frames that hold exactly ONE connected shape (8-connected
   pixels above mid-grey) whose area is within 50 % of the training disc's (pi r^2), and the share
   of clips in which every frame does (eqm.data.speed.coherent_frames);
+* **direction**: the share of clips whose tracked velocity is within 45 degrees of their class's
+  direction (a model that ignores its label moves each clip wherever its noise leads);
 * **speed error**: the median | |v_hat| - |v| | / |v| of the tracked disc against its class's
   true speed (eqm.data.speed.estimate_velocities), and the median ratio |v_hat| / |v|.
 
@@ -97,11 +99,15 @@ def score(gen, motion) -> dict:
     vel = estimate_velocities(gen.videos, gen.timestamps)
     ratios = [float(torch.linalg.vector_norm(vel[i])) / motion.speed(int(k)) for i, k in enumerate(gen.labels)]
     found = [r for r in ratios if math.isfinite(r)]
+    # the class's direction: the angle between the tracked and the true velocity under 45 degrees
+    true = torch.tensor([motion.velocity(int(k)) for k in gen.labels], dtype=vel.dtype)
+    cos = (vel * true).sum(1) / (torch.linalg.vector_norm(vel, dim=1) * torch.linalg.vector_norm(true, dim=1))
     return {
         "coherent_frames": float(ok.float().mean()),
         "coherent_clips": float(ok.all(dim=1).float().mean()),
         "speed_error": statistics.median(abs(r - 1) for r in found) if found else float("nan"),
         "speed_ratio": statistics.median(found) if found else float("nan"),
+        "direction": float((cos > math.cos(math.pi / 4)).double().mean()),
         "evals": float(gen.evals.float().mean()),
     }
 
@@ -111,13 +117,15 @@ def quality(model, recipe, motion, rates, args) -> None:
 
     length = f"{args.frames} frames" if args.frames else f"{args.seconds:g} s"
     print(f"demo samples: {args.per_class} clips per class, {length} each, sampler {args.sampler}")
-    print(f"{'fps':>6}  {'frames':>6}  {'coherent frames':>15}  {'coherent clips':>14}  {'speed error':>11}  {'ratio':>6}  {'time':>7}")
+    print(f"{'fps':>6}  {'frames':>6}  {'coherent frames':>15}  {'coherent clips':>14}  {'direction':>9}  "
+          f"{'speed error':>11}  {'ratio':>6}  {'time':>7}")
     for rate in rates:
         gen, secs = run(model, recipe, motion, rate, seconds=args.seconds, per_class=args.per_class,
                         seed=args.seed, sampler=args.sampler, frames=args.frames)
         s = score(gen, motion)
         print(f"{format_fps(rate).split(' ')[0]:>6}  {gen.num_frames:>6}  {s['coherent_frames'] * 100:>14.1f}%  "
-              f"{s['coherent_clips'] * 100:>13.1f}%  {s['speed_error'] * 100:>10.1f}%  {s['speed_ratio']:>5.2f}x  {secs:>6.1f}s",
+              f"{s['coherent_clips'] * 100:>13.1f}%  {s['direction'] * 100:>8.1f}%  {s['speed_error'] * 100:>10.1f}%  "
+              f"{s['speed_ratio']:>5.2f}x  {secs:>6.1f}s",
               flush=True)
         if args.strip and float(rate) == 60:
             write_strip(gen, motion, args.strip)
