@@ -214,9 +214,10 @@ class TrainConfig:
         "[0, time_shift] instead of 0 (tau offset = shift * ref_fps), so clips longer than the training "
         "clips meet no unseen positions at sampling; sampling is never shifted; 0 = off",
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f(
         "no", "autocast precision (weights, optimizer and EMA stay float32): bf16 on GPU or CPU, fp16 on GPU only "
-        "(ignored with a warning on CPU)"
+        "(ignored with a warning on CPU), auto = bf16 where the GPU or CPU computes in bf16 natively "
+        "(AVX-512 BF16 / AMX), else float32"
     )
     seed: int = _f(0, "global seed: model init, data order and noise are deterministic functions of (seed, step, rank)")
     log_every: int = _f(10, "write a metrics.jsonl line / log line every N steps")

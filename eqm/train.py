@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -563,11 +564,26 @@ class TrainResult:
     previews: list[Path] = field(default_factory=list)
 
 
+def native_bf16(cuda: bool) -> bool:
+    """Whether bf16 autocast pays here: a CUDA device with bf16, or a CPU whose instruction set
+    has bf16 arithmetic (AVX-512 BF16 or AMX; read from /proc/cpuinfo, so False off Linux).
+    Elsewhere bf16 matrix products are emulated and slower than float32."""
+    if cuda:
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 def _build_accelerator(recipe: Recipe, run_dir: Optional[Path], warn: Callable[[str], None]):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
     mp = recipe.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if native_bf16(cuda) else "no"
     if mp == "fp16" and not cuda:  # bf16 autocast runs on the CPU (AVX-512 BF16 / AMX run it natively)
         warn(f"train.mixed_precision={mp} needs a GPU; training in float32 on the CPU (bf16 works there)")
         mp = "no"
@@ -811,7 +827,8 @@ def _open_run_dir(run: _Run, log: Optional[Callable[[str], None]], warn: Callabl
         what += f"; nothing to train: the checkpoint is at step {run.start_step} >= train.steps (raise train.steps to continue)"
     reporter.line(
         f"run {run.run_dir} ({what}): {sum(p.numel() for p in run.raw_model.parameters()):,} parameters, "
-        f"{len(run.dataset)} clips, {acc.num_processes} process(es) on {acc.device.type}, "
+        f"{len(run.dataset)} clips, {acc.num_processes} process(es) on {acc.device.type} "
+        f"({'float32' if acc.mixed_precision == 'no' else acc.mixed_precision + ' autocast'}), "
         f"global batch {t.batch_size * t.grad_accum * acc.num_processes}, {t.steps} steps"
     )
     if aside is not None:

@@ -522,6 +522,18 @@ def test_trains_on_real_files_from_a_folder_and_a_probe_manifest(tmp_path):
         assert state["class_names"] == SyntheticMotion(num_classes=2).class_names
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeypatch, native):
+    from eqm import train as T
+
+    assert T.native_bf16(False) == bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    monkeypatch.setattr(T, "native_bf16", lambda cuda: native)
+    lines = []
+    res = train(recipe("train.steps=1", "train.mixed_precision=auto"), tmp_path / "run", log=lines.append)
+    first = next(line for line in lines if line.startswith("run "))
+    assert res.step == 1 and ("(bf16 autocast)" if native else "(float32)") in first
+
+
 def test_bf16_mixed_precision_runs_under_cpu_autocast_with_float32_weights(tmp_path):
     from eqm import model as M
 
