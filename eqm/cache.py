@@ -22,6 +22,7 @@ cache directory made with other settings is refused. Why mean and log-variance: 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,7 +341,34 @@ def read_cache_info(path: PathLike) -> dict:
         raise EqmError(f"{f}: not a latent cache of format {FORMAT}")
     if not info.get("complete"):
         raise EqmError(f"latent cache {d} is incomplete (interrupted?): rerun the same `eqmctl cache` command to finish it")
+    _check_info(info, f)
     return info
+
+
+def _check_info(info: dict, f: Path) -> None:
+    """The fields training reads from cache.json are there with usable types (a one-line EqmError
+    naming the field otherwise, never a KeyError deep in training)."""
+    def bad(field: str, what: str):
+        raise EqmError(f"{f}: '{field}' {what}; the file is damaged or was not written by `eqmctl cache`")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    settings = info.get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("vae"), dict):
+        bad("settings.vae", "is missing")
+    data = settings.get("data")
+    if not isinstance(data, dict):
+        bad("settings.data", "is missing")
+    for key in ("num_frames", "fps_min", "fps_max", "height", "width"):
+        if not number(data.get(key)):
+            bad(f"settings.data.{key}", "is missing or not a positive number")
+    shape = info.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 and v > 0 for v in shape)):
+        bad("latent_shape", "is not four positive integers")
+    if not (isinstance(info.get("temporal"), int) and not isinstance(info.get("temporal"), bool) and info["temporal"] >= 1):
+        bad("temporal", "is not a positive integer")
 
 
 class LatentDataset(torch.utils.data.Dataset):

@@ -3,6 +3,7 @@ video files, one of them variable-rate) into shards; determinism, resume after a
 unreadable files counted, and a 2-process run that splits the shards."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,29 @@ def test_cache_is_deterministic_and_holds_what_training_reads(kl, full, tmp_path
         assert entries[i]["source"] == "synthetic" and entries[i]["crop"]["resize"] == [16, 16]
     info = read_cache_info(full)
     assert info["settings"]["vae"]["class_name"] == "AutoencoderKL" and info["posterior"]["mean_std"] > 0
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda i: i["settings"].pop("data"), "settings.data"),
+    (lambda i: i["settings"]["data"].pop("fps_max"), "settings.data.fps_max"),
+    (lambda i: i.pop("latent_shape"), "latent_shape"),
+    (lambda i: i.update(temporal="4"), "temporal"),
+    (lambda i: i["settings"].update(vae=None), "settings.vae"),
+])
+def test_a_damaged_cache_json_is_one_error_naming_the_field(full, tmp_path, damage, field):
+    import shutil
+
+    from eqm.train import train
+
+    copy = tmp_path / "cache"
+    shutil.copytree(full, copy)
+    info = json.loads((copy / "cache.json").read_text())
+    damage(info)
+    (copy / "cache.json").write_text(json.dumps(info))
+    with pytest.raises(EqmError, match=re.escape(f"'{field}'")):
+        LatentDataset(copy)
+    with pytest.raises(EqmError, match=re.escape(f"'{field}'")):
+        train(load_recipe(TINY, ["data.source=latents", f"data.latents={copy}", "train.steps=1"]), tmp_path / "run", log=quiet)
 
 
 def test_interrupted_cache_resumes_without_redoing_finished_shards(kl, full, tmp_path):
