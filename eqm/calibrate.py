@@ -429,8 +429,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     A latent-space checkpoint is sampled with the VAE it recorded (``vae_path`` when its folder
     moved) and measured on the decoded frames, against reference clips in pixels.
     """
-    from .checkpoint import load_model
-    from .generate import recipe_cfg_scale
+    from .generate import load_for_sampling, recipe_cfg_scale
     from .latent import checkpoint_vae
     from .train import build_dataset
 
@@ -440,7 +439,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     for name, v in (("samples", samples), ("ref_clips", ref_clips)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise EqmError(f"{name} must be a positive integer, got {v!r}")
-    model, state = load_model(ckpt, use_ema=ema, device=device, runs_root=runs_root)
+    model, state, warnings = load_for_sampling(ckpt, use_ema=ema, device=device, runs_root=runs_root)
     vae = checkpoint_vae(state, vae_path, device, where=str(state["checkpoint"]))
     recipe = state.get("recipe")
     classes = int(model.config.num_classes)
@@ -450,7 +449,6 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         raise EqmError("cfg_scales: guidance needs a class-conditional model (this one has no classes)")
 
     ref_recipe = reference_recipe(recipe, data, frame_size(model, vae), None if vae is None else vae.identity.path)
-    warnings: list[str] = []
     dataset = build_dataset(ref_recipe, warn=warnings.append)
     if classes > 0 and int(getattr(dataset, "num_classes", 0) or 0) != classes:
         raise EqmError(f"the model has {classes} classes but the reference data ({data_name(ref_recipe)}) has "

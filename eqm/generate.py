@@ -188,7 +188,7 @@ def plan_frames(model, recipe: Optional[dict], fps, frames: Optional[int] = None
         T = resolve_num_frames(fps, frames, seconds, default=limit, temporal_patch=tp)
         if frames is None:
             T = 1 + round((T - 1) / temporal) * temporal
-        check_num_frames(T, temporal, what="--frames")
+        check_num_frames(T, temporal, what="the requested clip")
     return T, (span.beyond(parse_fps(fps), T) if span is not None else None)
 
 
