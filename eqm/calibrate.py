@@ -14,7 +14,10 @@ without ground truth (docs/calibration.md has the estimator's error and the meas
   cuts them (the recipe's clip policy at the model's frame size, real timestamps), per class.
 * Generated (`measure_rate`): the checkpoint sampled at each rate and guidance scale, same
   classes and sizes, clip lengths as `eqmctl sample` picks them. A clip's ratio is its speed over
-  the reference median of its class; per rate: median speed, median ratio and its quartiles.
+  the reference median of its class; per rate: median speed, median ratio and its quartiles, and
+  the share of clips whose mean flow points within 45 degrees of their class's direction in the
+  reference (speed alone cannot tell a model that ignores its labels: its clips move, but
+  wherever their noise leads).
 
 It works on decoded RGB frames in [-1, 1], whatever produced them: a latent checkpoint is sampled
 with the VAE it recorded and measured decoded, against its source videos in pixels.
@@ -48,6 +51,9 @@ MIN_DIFF = 5.0
 FLOW_WINDOW = 15
 #: Scales counted as reproducing the data's speed: worst |ratio - 1| over the rates below this.
 TARGET_ERROR = 0.10
+#: A reference class has a direction when its clips' mean flow is at least this share of their
+#: speed (clips of one class moving every which way have none).
+DIRECTION_SHARE = 0.5
 
 
 # =============================================================================================
@@ -88,41 +94,62 @@ def frame_pairs(timestamps, gap: float = DEFAULT_GAP) -> list[tuple[int, int]]:
     return [(int(a), int(j[a])) for a in keep]
 
 
-def pair_speeds(a: np.ndarray, b: np.ndarray, seconds: float) -> np.ndarray:
-    """Flow magnitudes in pixels per second at the moving pixels between brightness maps a, b."""
+def pair_flow(a: np.ndarray, b: np.ndarray, seconds: float) -> np.ndarray:
+    """Flow vectors (M, 2) as (x, y) pixels per second at the M moving pixels between brightness
+    maps a, b."""
     import cv2
 
     levels = max(0, min(5, int(math.log2(max(1, min(a.shape)) / 8))))
     flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, levels, FLOW_WINDOW, 3, 5, 1.1, 0)
     change = np.abs(b - a)
     moving = change > max(MIN_DIFF, REL_DIFF * float(change.max()))
-    return np.hypot(flow[..., 0], flow[..., 1])[moving] / float(seconds)
+    return flow[moving].astype(np.float64) / float(seconds)
 
 
-def clip_speed(video, timestamps, gap: float = DEFAULT_GAP) -> tuple[float, float]:
-    """(speed in pixels per second, median pair gap in seconds) of one clip (C, T, H, W) in [-1, 1].
+def pair_speeds(a: np.ndarray, b: np.ndarray, seconds: float) -> np.ndarray:
+    """Flow magnitudes in pixels per second at the moving pixels between brightness maps a, b."""
+    v = pair_flow(a, b, seconds)
+    return np.hypot(v[:, 0], v[:, 1])
 
-    NaN speed when the clip has fewer than two frames or nothing moves.
+
+def clip_flow(video, timestamps, gap: float = DEFAULT_GAP) -> tuple[float, float, np.ndarray]:
+    """(speed in pixels per second, median pair gap in seconds, mean flow vector (x, y) in pixels
+    per second) of one clip (C, T, H, W) in [-1, 1].  The speed is the median flow magnitude; the
+    vector says where the clip moves on the whole (its direction is what a class's motion shares).
+
+    NaN speed and vector when the clip has fewer than two frames or nothing moves.
     """
     g = _brightness(video)
     t = np.asarray(timestamps, dtype=np.float64).reshape(-1)
     if t.size != g.shape[0]:
         raise EqmError(f"a clip of {g.shape[0]} frames needs {g.shape[0]} timestamps, got {t.size}")
     pairs = frame_pairs(t, gap)
+    nan2 = np.full(2, np.nan)
     if not pairs:
-        return float("nan"), float("nan")
-    vals = np.concatenate([pair_speeds(g[i], g[j], t[j] - t[i]) for i, j in pairs])
+        return float("nan"), float("nan"), nan2
+    vecs = np.concatenate([pair_flow(g[i], g[j], t[j] - t[i]) for i, j in pairs])
     used = float(np.median([t[j] - t[i] for i, j in pairs]))
-    return (float(np.median(vals)) if vals.size else float("nan")), used
+    if not len(vecs):
+        return float("nan"), used, nan2
+    return float(np.median(np.hypot(vecs[:, 0], vecs[:, 1]))), used, vecs.mean(axis=0)
+
+
+def clip_speed(video, timestamps, gap: float = DEFAULT_GAP) -> tuple[float, float]:
+    """(speed in pixels per second, median pair gap in seconds) of one clip: :func:`clip_flow`
+    without the vector."""
+    speed, used, _ = clip_flow(video, timestamps, gap)
+    return speed, used
 
 
 @dataclass
 class ClipSpeeds:
-    """Speeds (px/s, NaN where unmeasurable), labels (or None) and pair gaps (s) of a set of clips."""
+    """Speeds (px/s, NaN where unmeasurable), labels (or None), pair gaps (s) and mean flow vectors
+    of a set of clips."""
 
     speeds: np.ndarray
     labels: Optional[np.ndarray]
     gaps: np.ndarray
+    vectors: Optional[np.ndarray] = None  # (N, 2) mean flow of each clip, px/s (clip_flow)
 
     @property
     def measured(self) -> int:
@@ -132,9 +159,10 @@ class ClipSpeeds:
 def measure_clips(videos, timestamps, labels=None, gap: float = DEFAULT_GAP) -> ClipSpeeds:
     """`clip_speed` of every clip of a batch; videos (N, C, T, H, W), timestamps (N, T) or (T,)."""
     t = np.asarray(timestamps.cpu() if hasattr(timestamps, "cpu") else timestamps, dtype=np.float64)
-    out = [clip_speed(videos[n], t if t.ndim == 1 else t[n], gap) for n in range(len(videos))]
+    out = [clip_flow(videos[n], t if t.ndim == 1 else t[n], gap) for n in range(len(videos))]
     lab = None if labels is None else np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64)
-    return ClipSpeeds(np.array([s for s, _ in out]), lab, np.array([g for _, g in out]))
+    return ClipSpeeds(np.array([o[0] for o in out]), lab, np.array([o[1] for o in out]),
+                      np.array([o[2] for o in out]).reshape(-1, 2))
 
 
 # =============================================================================================
@@ -198,18 +226,17 @@ def measure_dataset(dataset, clips: int, gap: float = DEFAULT_GAP) -> ClipSpeeds
     """Speeds of the first ``clips`` items of a training dataset (balanced: items cycle through
     the files / classes), each at its real timestamps."""
     n = min(int(clips), len(dataset))
-    speeds, labels, gaps = [], [], []
+    out, labels = [], []
     for i in range(n):
         item = dataset[i]
         video = item["video"]
         if video.shape[0] != 3:
             raise EqmError(f"reference clips must be RGB frames, got {video.shape[0]} channels "
                            "(for latent data pass the source videos as data)")
-        s, g = clip_speed(video, item["timestamps"], gap)
-        speeds.append(s)
-        gaps.append(g)
+        out.append(clip_flow(video, item["timestamps"], gap))
         labels.append(int(item["label"]))
-    return ClipSpeeds(np.array(speeds), np.array(labels, dtype=np.int64), np.array(gaps))
+    return ClipSpeeds(np.array([o[0] for o in out]), np.array(labels, dtype=np.int64), np.array([o[1] for o in out]),
+                      np.array([o[2] for o in out]).reshape(-1, 2))
 
 
 @dataclass
@@ -222,6 +249,9 @@ class Reference:
     gap: float
     speed: float
     class_speed: dict[int, float]
+    #: unit (x, y) of each class whose clips share a direction (their mean flow is at least half
+    #: their speed); classes of mixed directions are left out
+    class_direction: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def summarize_reference(ref: ClipSpeeds, name: str) -> Reference:
@@ -231,7 +261,34 @@ def summarize_reference(ref: ClipSpeeds, name: str) -> Reference:
     per_class = {int(k): float(np.median(ref.speeds[ok & (ref.labels == k)]))
                  for k in np.unique(ref.labels[ok])}
     return Reference(data=name, clips=len(ref.speeds), measured=int(ok.sum()), gap=float(np.nanmedian(ref.gaps)),
-                     speed=float(np.median(ref.speeds[ok])), class_speed=per_class)
+                     speed=float(np.median(ref.speeds[ok])), class_speed=per_class,
+                     class_direction=_class_directions(ref, ok, per_class))
+
+
+def _class_directions(ref: ClipSpeeds, ok: np.ndarray, class_speed: dict) -> dict:
+    if ref.vectors is None:
+        return {}
+    out = {}
+    for k, speed in class_speed.items():
+        mean = ref.vectors[ok & (ref.labels == k)].mean(axis=0)
+        norm = float(np.hypot(*mean))
+        if norm >= DIRECTION_SHARE * speed > 0:
+            out[k] = (float(mean[0] / norm), float(mean[1] / norm))
+    return out
+
+
+def direction_share(gen: ClipSpeeds, ref: Reference) -> float:
+    """Share of measured clips whose mean flow lies within 45 degrees of their class's direction
+    in the reference (NaN when no generated clip's class has one)."""
+    if gen.labels is None or gen.vectors is None:
+        return float("nan")
+    hits = []
+    for v, k in zip(gen.vectors, gen.labels):
+        d = ref.class_direction.get(int(k))
+        norm = float(np.hypot(*v))
+        if d is not None and np.isfinite(norm) and norm > 0:
+            hits.append((v[0] * d[0] + v[1] * d[1]) / norm > math.cos(math.pi / 4))
+    return float(np.mean(hits)) if hits else float("nan")
 
 
 # =============================================================================================
@@ -255,6 +312,7 @@ class RateResult:
     ratio_q25: float
     ratio_q75: float
     class_ratio: dict[int, float] = field(default_factory=dict)
+    direction: float = float("nan")  # share of clips moving within 45 degrees of their class's direction
 
 
 def summarize_rate(gen: ClipSpeeds, ref: Reference, rate: Fraction, cfg_scale: float, frames: int) -> RateResult:
@@ -271,7 +329,8 @@ def summarize_rate(gen: ClipSpeeds, ref: Reference, rate: Fraction, cfg_scale: f
     return RateResult(rate=rate, cfg_scale=float(cfg_scale), frames=int(frames), clips=len(ratio), measured=int(ok.sum()),
                       gap=float(np.nanmedian(gen.gaps)) if np.isfinite(gen.gaps).any() else nan,
                       speed=float(np.median(gen.speeds[ok])) if ok.any() else nan,
-                      ratio=float(q50), ratio_q25=float(q25), ratio_q75=float(q75), class_ratio=per_class)
+                      ratio=float(q50), ratio_q25=float(q25), ratio_q75=float(q75), class_ratio=per_class,
+                      direction=direction_share(gen, ref))
 
 
 def generation_labels(num_classes: int, samples: int):
@@ -357,6 +416,7 @@ class Calibration:
             results.append(row)
         ref = asdict(self.reference)
         ref["class_speed"] = {str(k): v for k, v in self.reference.class_speed.items()}
+        ref["class_direction"] = {str(k): list(v) for k, v in self.reference.class_direction.items()}
         doc = {
             "checkpoint": self.checkpoint, "step": self.step, "weights": self.weights, "time_mode": self.time_mode,
             "train_fps": None if self.train_fps is None else list(self.train_fps), "class_names": self.class_names,
@@ -531,7 +591,7 @@ def write_calibration(cal: Calibration, out_dir) -> tuple[Path, Path]:
 
 
 __all__ = [
-    "DEFAULT_GAP", "Calibration", "ClipSpeeds", "RateResult", "Reference", "calibrate", "clip_speed", "frame_pairs",
-    "measure_clips", "measure_dataset", "pair_speeds", "parse_rates", "parse_scales", "plot_calibration",
+    "DEFAULT_GAP", "Calibration", "ClipSpeeds", "RateResult", "Reference", "calibrate", "clip_flow", "clip_speed", "direction_share", "frame_pairs",
+    "measure_clips", "measure_dataset", "pair_flow", "pair_speeds", "parse_rates", "parse_scales", "plot_calibration",
     "reference_recipe", "write_calibration",
 ]

@@ -69,6 +69,27 @@ def test_flow_ratio_agrees_with_the_centroid_tracker_on_synthetic_discs():
             assert abs(flow - centroid) < CENTROID_AGREEMENT, (factor, fps, flow, centroid)
 
 
+def test_direction_share_sees_clips_that_move_the_wrong_way():
+    """Each class's reference direction comes from its clips' mean flow; generated discs of the
+    right class score 100 %, the same discs played backwards 0 %, a class of mixed directions none."""
+    from eqm.calibrate import direction_share, summarize_reference
+
+    policy = ClipPolicy(num_frames=11, fps_min=12, fps_max=12, height=16, width=16)
+    data = synthetic_motion(policy, 4)
+    rng = np.random.default_rng(1)
+    ts = np.arange(11) / 12.0
+    labels = np.array([0, 1, 2, 3] * 2)
+    clips = data.render_batch(labels, ts, [data.random_start(int(k), rng, duration=ts[-1]) for k in labels])
+    ref = summarize_reference(measure_clips(clips, ts, labels), "discs")
+    for k in range(4):
+        assert np.allclose(ref.class_direction[k], np.sign(data.velocity(k)), atol=0.1), k
+    assert direction_share(measure_clips(clips, ts, labels), ref) == 1.0
+    assert direction_share(measure_clips(clips.flip(2), ts, labels), ref) == 0.0
+    mixed = summarize_reference(measure_clips(clips, ts, np.zeros(8, dtype=np.int64)), "mixed")
+    assert mixed.class_direction == {}  # four directions cancel: no class direction to compare with
+    assert math.isnan(direction_share(measure_clips(clips, ts, np.zeros(8, dtype=np.int64)), mixed))
+
+
 def _pan_dataset(tmp_path, velocity=(18.0, 8.0), size=48, fps=60, seconds=2.0, classes=("pan",)):
     """A folder dataset of real 60 fps H.264 files of matplotlib's photograph panned at `velocity`
     px/s (one file per class folder); returns (root, true speed)."""
@@ -146,6 +167,10 @@ def test_calibrate_command_writes_table_json_and_plot(random_run, tmp_path):
     assert len(doc["results"]) == 6 and all(r["clips"] == 3 for r in doc["results"])
     assert doc["reference"]["clips"] == 6 and doc["reference"]["speed"] > 0
     assert set(doc["reference"]["class_speed"]) == {"0", "1", "2"}
+    # three directions of the synthetic source: each class has one, and every result a share (or null)
+    assert set(doc["reference"]["class_direction"]) == {"0", "1", "2"}
+    assert all(r["direction"] is None or 0 <= r["direction"] <= 1 for r in doc["results"])
+    assert " %" in stdout  # the table's direction column (its header is cut at 80 columns)
     assert doc["best_cfg_scale"] in (1.0, 2.0) and doc["train_fps"] == [8.0, 30.0]
     assert doc["sampler"]["steps"] == 2 and doc["sampler"]["step_size"] > 0 and doc["weights"] == "ema"
     assert (out / "calibration.png").stat().st_size > 1000

@@ -90,7 +90,7 @@ def _print_table(cal) -> None:
         f"{ref.speed:.2f} px/s (median of {ref.measured} clips)",
         title_justify="left",
     )
-    for col in ("fps", "cfg", "frames", "clips", "gap", "px/s", "ratio", "quartiles"):
+    for col in ("fps", "cfg", "frames", "clips", "gap", "px/s", "ratio", "quartiles", "direction"):
         table.add_column(col, justify="right")
     for r in cal.results:
         inside = lo_hi is not None and lo_hi[0] <= float(r.rate) <= lo_hi[1]
@@ -98,6 +98,7 @@ def _print_table(cal) -> None:
             format_fps(r.rate) + (" *" if inside else ""), f"{r.cfg_scale:g}", str(r.frames), f"{r.measured}/{r.clips}",
             _fmt(r.gap, ".3f") + " s", _fmt(r.speed, ".2f"), _fmt(r.ratio, ".2f") + "x",
             f"{_fmt(r.ratio_q25, '.2f')}-{_fmt(r.ratio_q75, '.2f')}x",
+            _fmt(100 * r.direction, ".0f") + " %",
         )
     console.print(table)
     if lo_hi is not None:
