@@ -71,16 +71,18 @@ def generate_images(
     """Sample ``num_samples`` images (T = 1) with eqm.sampler.sample and decode them with ``vae``;
     settings not chosen take the paper's (PAPER_SETTINGS); ``dtype`` "bf16"/"fp16" runs the model
     under CUDA autocast (as eqm.generate.generate)."""
-    from .generate import _autocast, check_batch_options, sample_noise
+    from .generate import _autocast, _check_work, check_batch_options, sample_noise
     from .sampler import sample
 
     settings = (settings or SamplerSettings()).resolved(PAPER_SETTINGS)
     check_batch_options(num_samples, batch_size)
     check_vae_fits(model, vae)
     device = next(model.parameters()).device
+    bs = batch_size or num_samples
+    # before the noise is drawn: a batch that cannot fit is refused with its estimate
+    _check_work(model, 1, min(bs, num_samples) * (2 if settings.guidance != 1.0 else 1), device)
     H, W = model.config.input_size
     noise = sample_noise(num_samples, (model.config.in_channels, H, W), seed)
-    bs = batch_size or num_samples
     images, latents, evals, rms = [], [], [], []
     for start in range(0, num_samples, bs):
         stop = min(num_samples, start + bs)

@@ -461,6 +461,14 @@ def test_sample_official_errors_are_one_line(official, tmp_path):
     assert res.exit_code == 2 and "--fps is required" in res.output
 
 
+def test_image_sampling_refuses_a_batch_that_cannot_fit_before_drawing_noise():
+    from eqm.images import generate_images
+
+    img = image_model(in_channels=3)  # RGB: no VAE needed
+    with pytest.raises(EqmError, match="needs about"):  # 10^9 images of 16 tokens: refused, nothing drawn
+        generate_images(img, num_samples=1_000_000_000, settings=SamplerSettings(steps=1))
+
+
 def test_latent_training_starts_from_the_official_checkpoint_through_the_vae(official, tmp_path):
     """The fine-tune recipes' path at a tiny size: SD-VAE-style latents (encoded on the fly), the
     official 4-channel image weights mapped in, one step trained, the video checkpoint sampled."""
