@@ -322,7 +322,7 @@ def generate(
     ts = plan.latent_timestamps
     bs = num_samples if batch_size is None else batch_size
     spans = window_spans(plan.num_latents, window, model.config.temporal_patch)
-    _check_work(model, spans[0][1] - spans[0][0], min(bs, num_samples) * (2 if settings.guidance != 1.0 else 1), device)
+    _check_work(model, spans[0][1] - spans[0][0], min(bs, num_samples), device, settings)
     noise = sample_noise(num_samples, (C, plan.num_latents, H, W), seed)
 
     outs, evals, rms = [], [], []
@@ -390,12 +390,14 @@ def _sample_windows(model, noise: torch.Tensor, ts: torch.Tensor, y, settings: S
     return total
 
 
-def _check_work(model, num_frames: int, batch: int, device) -> None:
-    """Refuse (with the estimate) a clip with too many tokens or a batch that cannot fit in memory."""
+def _check_work(model, num_frames: int, batch: int, device, settings: SamplerSettings) -> None:
+    """Refuse (with the estimate) a clip with too many tokens or a batch that cannot fit in memory;
+    with guidance the sampler runs the conditional and null-label passes as one double batch."""
     from . import budget
 
     cfg = model.config
     grid = cfg.grid[0] * cfg.grid[1]
+    batch = batch * (2 if settings.guidance != 1.0 else 1)
     budget.check_activations(f"{num_frames} frames of {cfg.input_size[0]}x{cfg.input_size[1]}", batch=batch,
                              tokens=num_frames // cfg.temporal_patch * grid, hidden_size=cfg.hidden_size,
                              depth=cfg.depth, device=device)

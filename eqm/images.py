@@ -80,7 +80,7 @@ def generate_images(
     device = next(model.parameters()).device
     bs = batch_size or num_samples
     # before the noise is drawn: a batch that cannot fit is refused with its estimate
-    _check_work(model, 1, min(bs, num_samples) * (2 if settings.guidance != 1.0 else 1), device)
+    _check_work(model, 1, min(bs, num_samples), device, settings)
     H, W = model.config.input_size
     noise = sample_noise(num_samples, (model.config.in_channels, H, W), seed)
     images, latents, evals, rms = [], [], [], []

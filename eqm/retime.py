@@ -462,8 +462,7 @@ class _WindowRun:
         anchored = [i for i, win in enumerate(wins) if not win.chained]
         chained = [i for i, win in enumerate(wins) if win.chained]
         bs = max(1, len(anchored)) if batch_size is None else batch_size
-        guided = 2 if self.settings.guidance != 1.0 else 1
-        _check_work(self.model, L, min(bs, max(1, len(anchored))) * guided, self.device)
+        _check_work(self.model, L, min(bs, max(1, len(anchored))), self.device, self.settings)
         groups = [anchored[i : i + bs] for i in range(0, len(anchored), bs)] + [[i] for i in chained]
         finished = 0
         for group in groups:
