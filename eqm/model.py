@@ -189,9 +189,15 @@ def from_tracks(x: torch.Tensor, B: int) -> torch.Tensor:
 
 def _rope_view(rope, B: int, hw: int, view):
     """RoPE (cos, sin), each (B|1, 1, N, d), laid out like the tokens under ``view``."""
+    return tuple(view(r.expand(B, -1, -1, -1).squeeze(1), hw).unsqueeze(1) for r in rope)
+
+
+def divided_rope(rope, B: int, hw: int):
+    """(per frame, per patch position) layouts of RoPE for divided blocks, or None without RoPE;
+    built once per forward and shared by every block."""
     if rope is None:
         return None
-    return tuple(view(r.expand(B, -1, -1, -1).squeeze(1), hw).unsqueeze(1) for r in rope)
+    return _rope_view(rope, B, hw, frames_view), _rope_view(rope, B, hw, tracks_view)
 
 
 class EqMBlock(nn.Module):
@@ -215,11 +221,13 @@ class EqMBlock(nn.Module):
             self.temporal_attn = Attention(hidden_size, num_heads=num_heads)
 
     def forward(self, x, c, rope=None, math_sdpa=False, hw=None):
+        """rope: (cos, sin) for a full block; for a divided one :func:`divided_rope`'s pair."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         if self.divided:
-            x = x + self._across_frames(modulate(self.norm_t(x), shift_msa, scale_msa), rope, math_sdpa, hw)
+            per_frame, per_track = rope if rope is not None else (None, None)
+            x = x + self._across_frames(modulate(self.norm_t(x), shift_msa, scale_msa), per_track, math_sdpa, hw)
             h = modulate(self.norm1(x), shift_msa, scale_msa)
-            a = self.attn(frames_view(h, hw), _rope_view(rope, x.shape[0], hw, frames_view), math_sdpa)
+            a = self.attn(frames_view(h, hw), per_frame, math_sdpa)
             x = x + gate_msa.unsqueeze(1) * a.reshape(x.shape)
         else:
             x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, math_sdpa)
@@ -227,9 +235,8 @@ class EqMBlock(nn.Module):
         return x
 
     def _across_frames(self, h, rope, math_sdpa, hw):
-        B = h.shape[0]
-        out = self.temporal_attn(tracks_view(h, hw), _rope_view(rope, B, hw, tracks_view), math_sdpa)
-        return from_tracks(out, B)
+        out = self.temporal_attn(tracks_view(h, hw), rope, math_sdpa)
+        return from_tracks(out, h.shape[0])
 
 
 class FinalLayer(nn.Module):
@@ -389,8 +396,9 @@ class EqMTransformer(nn.Module):
         if pos.fps is not None:
             c = c + self.fps_embedder(pos.fps.expand(B))
         hw = self.config.grid[0] * self.config.grid[1]
+        rope = divided_rope(pos.rope, B, hw) if self.config.attention == "divided" else pos.rope
         for block in self.blocks:
-            tokens = block(tokens, c, pos.rope, math_sdpa, hw)
+            tokens = block(tokens, c, rope, math_sdpa, hw)
         out = self.unpatchify(self.final_layer(tokens, c), T)
         if self.config.learn_sigma:
             out = out[:, : self.config.in_channels]
