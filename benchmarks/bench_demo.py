@@ -93,21 +93,19 @@ def score(gen, motion) -> dict:
     """Coherence and speed figures of generated clips (see the module docstring)."""
     import torch
 
-    from eqm.data.speed import coherent_frames, estimate_velocities
+    from eqm.data.speed import along, coherent_frames, estimate_velocities
 
     ok = coherent_frames(gen.videos, math.pi * motion.radius ** 2)
     vel = estimate_velocities(gen.videos, gen.timestamps)
     ratios = [float(torch.linalg.vector_norm(vel[i])) / motion.speed(int(k)) for i, k in enumerate(gen.labels)]
     found = [r for r in ratios if math.isfinite(r)]
-    # the class's direction: the angle between the tracked and the true velocity under 45 degrees
-    true = torch.tensor([motion.velocity(int(k)) for k in gen.labels], dtype=vel.dtype)
-    cos = (vel * true).sum(1) / (torch.linalg.vector_norm(vel, dim=1) * torch.linalg.vector_norm(true, dim=1))
+    heading = along(vel.numpy(), [motion.velocity(int(k)) for k in gen.labels])  # within 45 degrees of the class's
     return {
         "coherent_frames": float(ok.float().mean()),
         "coherent_clips": float(ok.all(dim=1).float().mean()),
         "speed_error": statistics.median(abs(r - 1) for r in found) if found else float("nan"),
         "speed_ratio": statistics.median(found) if found else float("nan"),
-        "direction": float((cos > math.cos(math.pi / 4)).double().mean()),
+        "direction": float(heading.mean()),
         "evals": float(gen.evals.float().mean()),
     }
 

@@ -106,12 +106,6 @@ def pair_flow(a: np.ndarray, b: np.ndarray, seconds: float) -> np.ndarray:
     return flow[moving].astype(np.float64) / float(seconds)
 
 
-def pair_speeds(a: np.ndarray, b: np.ndarray, seconds: float) -> np.ndarray:
-    """Flow magnitudes in pixels per second at the moving pixels between brightness maps a, b."""
-    v = pair_flow(a, b, seconds)
-    return np.hypot(v[:, 0], v[:, 1])
-
-
 def clip_flow(video, timestamps, gap: float = DEFAULT_GAP) -> tuple[float, float, np.ndarray]:
     """(speed in pixels per second, median pair gap in seconds, mean flow vector (x, y) in pixels
     per second) of one clip (C, T, H, W) in [-1, 1].  The speed is the median flow magnitude; the
@@ -151,6 +145,12 @@ class ClipSpeeds:
     gaps: np.ndarray
     vectors: Optional[np.ndarray] = None  # (N, 2) mean flow of each clip, px/s (clip_flow)
 
+    @classmethod
+    def of(cls, flows: list, labels: Optional[np.ndarray]) -> "ClipSpeeds":
+        """From one :func:`clip_flow` result per clip."""
+        return cls(np.array([f[0] for f in flows]), labels, np.array([f[1] for f in flows]),
+                   np.array([f[2] for f in flows]).reshape(-1, 2))
+
     @property
     def measured(self) -> int:
         return int(np.isfinite(self.speeds).sum())
@@ -161,8 +161,7 @@ def measure_clips(videos, timestamps, labels=None, gap: float = DEFAULT_GAP) -> 
     t = np.asarray(timestamps.cpu() if hasattr(timestamps, "cpu") else timestamps, dtype=np.float64)
     out = [clip_flow(videos[n], t if t.ndim == 1 else t[n], gap) for n in range(len(videos))]
     lab = None if labels is None else np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64)
-    return ClipSpeeds(np.array([o[0] for o in out]), lab, np.array([o[1] for o in out]),
-                      np.array([o[2] for o in out]).reshape(-1, 2))
+    return ClipSpeeds.of(out, lab)
 
 
 # =============================================================================================
@@ -235,8 +234,7 @@ def measure_dataset(dataset, clips: int, gap: float = DEFAULT_GAP) -> ClipSpeeds
                            "(for latent data pass the source videos as data)")
         out.append(clip_flow(video, item["timestamps"], gap))
         labels.append(int(item["label"]))
-    return ClipSpeeds(np.array([o[0] for o in out]), np.array(labels, dtype=np.int64), np.array([o[1] for o in out]),
-                      np.array([o[2] for o in out]).reshape(-1, 2))
+    return ClipSpeeds.of(out, np.array(labels, dtype=np.int64))
 
 
 @dataclass
@@ -282,13 +280,13 @@ def direction_share(gen: ClipSpeeds, ref: Reference) -> float:
     in the reference (NaN when no generated clip's class has one)."""
     if gen.labels is None or gen.vectors is None:
         return float("nan")
-    hits = []
-    for v, k in zip(gen.vectors, gen.labels):
-        d = ref.class_direction.get(int(k))
-        norm = float(np.hypot(*v))
-        if d is not None and np.isfinite(norm) and norm > 0:
-            hits.append((v[0] * d[0] + v[1] * d[1]) / norm > math.cos(math.pi / 4))
-    return float(np.mean(hits)) if hits else float("nan")
+    from .data.speed import along
+
+    pairs = [(v, ref.class_direction[int(k)]) for v, k in zip(gen.vectors, gen.labels)
+             if int(k) in ref.class_direction and np.isfinite(v).all() and np.hypot(*v) > 0]
+    if not pairs:
+        return float("nan")
+    return float(np.mean(along(np.array([v for v, _ in pairs]), np.array([d for _, d in pairs]))))
 
 
 # =============================================================================================
@@ -592,6 +590,6 @@ def write_calibration(cal: Calibration, out_dir) -> tuple[Path, Path]:
 
 __all__ = [
     "DEFAULT_GAP", "Calibration", "ClipSpeeds", "RateResult", "Reference", "calibrate", "clip_flow", "clip_speed", "direction_share", "frame_pairs",
-    "measure_clips", "measure_dataset", "pair_flow", "pair_speeds", "parse_rates", "parse_scales", "plot_calibration",
+    "measure_clips", "measure_dataset", "pair_flow", "parse_rates", "parse_scales", "plot_calibration",
     "reference_recipe", "write_calibration",
 ]

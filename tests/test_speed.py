@@ -140,3 +140,12 @@ def test_frame_shapes_counts_connected_shapes_and_their_area():
     big = torch.full((1, 1, 16, 16), -1.0)
     big[0, 0, 2:10, 2:10] = 1.0  # one shape, 64 pixels: not a disc of radius 2
     assert not coherent_frames(big, area).any()
+
+
+def test_along_is_within_the_angle_and_false_for_nothing():
+    from eqm.data.speed import along
+
+    est = [[1.0, 0.0], [1.0, 0.9], [1.0, 1.1], [-1.0, 0.0], [0.0, 0.0], [float("nan"), 1.0]]
+    true = [[2.0, 0.0]] * 6
+    assert along(est, true).tolist() == [True, True, False, False, False, False]
+    assert along([[0.0, 1.0]], [[1.0, 0.0]], degrees=95).tolist() == [True]

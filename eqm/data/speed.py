@@ -208,7 +208,19 @@ def velocity_error(est: Vec, true: Vec) -> float:
     return float(math.hypot(e[0], e[1])) / t
 
 
+def along(est, true, degrees: float = 45.0) -> np.ndarray:
+    """(N,) bool: each estimated velocity (N, 2) points within ``degrees`` of its true one (N, 2);
+    False where either is zero or NaN.  Speed says how fast; this says whether the right way."""
+    e = np.asarray(est, dtype=np.float64).reshape(-1, 2)
+    t = np.asarray(true, dtype=np.float64).reshape(-1, 2)
+    norms = np.hypot(e[:, 0], e[:, 1]) * np.hypot(t[:, 0], t[:, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (e * t).sum(axis=1) / norms
+    return np.nan_to_num(cos, nan=-1.0) > math.cos(math.radians(degrees))
+
+
 __all__ = [
+    "along",
     "frame_shapes",
     "coherent_frames",
     "track_centroids",
