@@ -354,6 +354,9 @@ def _check_info(info: dict, f: Path) -> None:
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
+    def count(v) -> bool:
+        return isinstance(v, int) and number(v)
+
     settings = info.get("settings")
     if not isinstance(settings, dict) or not isinstance(settings.get("vae"), dict):
         bad("settings.vae", "is missing")
@@ -364,10 +367,9 @@ def _check_info(info: dict, f: Path) -> None:
         if not number(data.get(key)):
             bad(f"settings.data.{key}", "is missing or not a positive number")
     shape = info.get("latent_shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                 and v > 0 for v in shape)):
+    if not (isinstance(shape, list) and len(shape) == 4 and all(count(v) for v in shape)):
         bad("latent_shape", "is not four positive integers")
-    if not (isinstance(info.get("temporal"), int) and not isinstance(info.get("temporal"), bool) and info["temporal"] >= 1):
+    if not count(info.get("temporal")):
         bad("temporal", "is not a positive integer")
 
 
