@@ -5,10 +5,9 @@ What is compared (one training step = EqM loss forward, backward, AdamW step, sa
 1. ``reference``: the DiT of Hugging Face diffusers (``diffusers.DiTTransformer2DModel``, the
    architecture family the official EqM/SiT image model comes from: patch embedding, adaLN-Zero
    blocks conditioned on timestep + class embeddings, final adaLN layer), configured like ours
-   (width, depth, heads, patch, channels, classes).  The official EqM ``models.py`` cannot be
-   installed or downloaded here, so this PyPI implementation stands in for it; it is fed
-   timestep 0, as EqM does.  Skipped, with a note, when diffusers is not installed
-   (``pip install diffusers``).
+   (width, depth, heads, patch, channels, classes), fed timestep 0 as EqM does.  It stands in
+   for the official code when that is not at hand (the official ``models.py`` is not a package).
+   Skipped, with a note, when diffusers is not installed (``pip install diffusers``).
 2. ``ours image``: our EqMTransformer on images (B, C, H, W): the image path (T = 1).
 3. ``ours video``: our EqMTransformer on clips (B, C, T, H/k, W/k) with real timestamps
    (k = sqrt(T)), i.e. the same number of tokens per sample as the image run, so the ratio
@@ -20,14 +19,15 @@ What is compared (one training step = EqM loss forward, backward, AdamW step, sa
    EqM repository, which imports timm), loaded from that path and never copied here; its ``EqM``
    class built at the same configuration, fed timestep 0 (its own sampler does the same).
 
-Printed: samples/s of each (median of ``--repeats`` timed blocks after warm-up) and the ratios
-ours-image / reference, ours-video / ours-image, ours-video / reference.  CPU by default and
-small (a few tens of seconds on 2 cores); ``--device cuda`` for a GPU.  Numbers on a shared CPU
+Printed: samples/s of each (median of ``--repeats`` timed blocks after warm-up; the models take
+turns block by block) and the ratios ours-image / reference, ours-image / official, ours-video /
+ours-image, ours-video / reference.  ``--bf16`` runs every model under bf16 autocast.  CPU by
+default and small (a few tens of seconds on 2 cores); ``--device cuda`` for a GPU.  Numbers on a shared CPU
 are noisy: compare ratios from one invocation, not across machines.
 
     python benchmarks/bench_train.py
     python benchmarks/bench_train.py --official-models ~/src/EqM/models.py     # + the official model
-    python benchmarks/bench_train.py --hidden 384 --depth 12 --heads 6 --size 32 --batch 32 --device cuda
+    python benchmarks/bench_train.py --hidden 384 --depth 12 --heads 6 --size 32 --batch 32 --device cuda --bf16
 """
 
 from __future__ import annotations
@@ -113,36 +113,50 @@ def ours(args, frames: int, size: int, pos: str = "sincos"):
     ))
 
 
-def throughput(model, x, ts, y, args) -> float:
-    """Median training samples/s over args.repeats blocks of args.iters steps."""
-    device = torch.device(args.device)
-    model = model.to(device).train()
-    x, y = x.to(device), y.to(device)
-    ts = None if ts is None else ts.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator(device=device).manual_seed(0)
+class _Trainer:
+    """One model's training step (EqM loss, backward, AdamW) on a fixed batch, timed block by block."""
 
-    def step():
-        loss, _ = eqm_loss(model, x, ts, y, generator=gen)
+    def __init__(self, model, x, ts, y, args):
+        self.device = torch.device(args.device)
+        self.model = model.to(self.device).train()
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.ts = None if ts is None else ts.to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.gen = torch.Generator(device=self.device).manual_seed(0)
+        self.bf16, self.iters = args.bf16, args.iters
+        self.rates: list[float] = []
+
+    def step(self):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, _ = eqm_loss(self.model, self.x, self.ts, self.y, generator=self.gen)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
+    def sync(self):
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    rates = []
-    for _ in range(args.repeats):
+    def block(self):
+        """Time args.iters steps and keep their samples/s."""
+        self.sync()
         t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        sync()
-        rates.append(args.iters * x.shape[0] / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for _ in range(self.iters):
+            self.step()
+        self.sync()
+        self.rates.append(self.iters * self.x.shape[0] / (time.perf_counter() - t0))
+
+
+def throughputs(trainers, args) -> list[float]:
+    """Median samples/s of each trainer; blocks run round-robin so that a machine's drift (other
+    load, clock changes) falls on every model alike instead of on whichever ran last."""
+    for t in trainers:
+        for _ in range(args.warmup):
+            t.step()
+    for _ in range(args.repeats):
+        for t in trainers:
+            t.block()
+    return [statistics.median(t.rates) for t in trainers]
 
 
 def main(argv=None):
@@ -161,6 +175,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every model (weights and AdamW stay fp32)")
     ap.add_argument("--official-models", default=None, metavar="PATH",
                     help="the official EqM repository's models.py, imported from there (needs timm)")
     args = ap.parse_args(argv)
@@ -180,28 +195,23 @@ def main(argv=None):
 
     print(f"config: hidden {args.hidden}, depth {args.depth}, heads {args.heads}, patch {args.patch}, "
           f"{args.channels} channels, batch {B}, {tokens} tokens per sample, device {args.device}, "
-          f"{torch.get_num_threads()} threads")
-    rows = []
+          f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'float32'}")
+    entries = []  # (name, model, input, timestamps)
     ref = reference_model(args)
-    if ref is not None:
-        torch.manual_seed(0)
-        n = sum(p.numel() for p in ref.parameters())
-        rows.append(("reference DiT (diffusers) image", n, throughput(ref, img, None, y, args)))
-    else:
+    if ref is None:
         print("note: diffusers is not installed; the reference column is skipped (pip install diffusers)")
-    official = None
+    else:
+        entries.append(("reference DiT (diffusers) image", ref, img, None))
     if args.official_models:
-        torch.manual_seed(0)
-        model = official_model(args.official_models, args)
-        official = throughput(model, img, None, y, args)
-        rows.append(("official EqM (models.py) image", sum(p.numel() for p in model.parameters()), official))
-    for name, model, x, t in (
+        entries.append(("official EqM (models.py) image", official_model(args.official_models, args), img, None))
+    entries += [
         (f"ours image {args.size}x{args.size}", ours(args, 1, args.size), img, None),
         (f"ours video {args.frames}x{clip}x{clip} sincos", ours(args, args.frames, clip), vid, ts),
         (f"ours video {args.frames}x{clip}x{clip} rope", ours(args, args.frames, clip, "rope"), vid, ts),
-    ):
-        n = sum(p.numel() for p in model.parameters())
-        rows.append((name, n, throughput(model, x, t, y, args)))
+    ]
+    rates = throughputs([_Trainer(m, x, t, y, args) for _, m, x, t in entries], args)
+    rows = [(name, sum(p.numel() for p in m.parameters()), r) for (name, m, _, _), r in zip(entries, rates)]
+    official = rows[1 if ref is not None else 0][2] if args.official_models else None
 
     width = max(len(r[0]) for r in rows)
     print(f"{'model':<{width}}  {'params':>10}  {'samples/s':>10}")
@@ -221,7 +231,6 @@ def main(argv=None):
         print(f"  ours video / official EqM          {vid_sps / official:.3f}   (equal tokens per sample)")
     print(f"  ours video / ours image            {vid_sps / img_sps:.3f}   (equal tokens per sample)")
     print(f"  ours video rope / ours video sincos {rope_sps / vid_sps:.3f}")
-
 
 
 if __name__ == "__main__":
