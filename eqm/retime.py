@@ -627,6 +627,41 @@ def retime_video(
     )
 
 
+@dataclass
+class CheckpointRetime:
+    """What :func:`retime_checkpoint` did: the checkpoint it used, the retime, and the notes
+    (warnings) it had for the user."""
+
+    checkpoint: Path
+    state: dict
+    result: RetimeResult
+    notes: list
+
+
+def retime_checkpoint(src, dst, fps, ckpt, *, use_ema: bool = True, device: Optional[str] = None, label=None,
+                      vae=None, runs_root="runs", **options) -> CheckpointRetime:
+    """`eqmctl retime --mode model` as a function: the checkpoint loaded as sampling loads it
+    (EMA weights, or the raw ones with a note), ``label`` as a class index or name, a latent
+    model's VAE (the recorded one, or the folder ``vae``), then :func:`retime_video` in mode
+    model with ``options`` (window, settings, seed, batch_size, dtype, crf, codec, progress).
+    A diverged window is a NonFiniteError that names the checkpoint.
+    """
+    from .generate import load_for_sampling, parse_labels
+    from .latent import checkpoint_vae
+
+    model, state, notes = load_for_sampling(ckpt, use_ema=use_ema, device=device, runs_root=runs_root)
+    y = None
+    if label is not None:
+        names = list(state.get("class_names") or [])
+        y = int(parse_labels(str(label), model.config.num_classes, 1, names, param="label")[0])
+    vae = checkpoint_vae(state, vae, next(model.parameters()).device, where=state["checkpoint"])
+    try:
+        result = retime_video(src, dst, fps, "model", model=model, label=y, vae=vae, **options)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"checkpoint {state.get('checkpoint')}: {e}") from None
+    return CheckpointRetime(checkpoint=Path(state["checkpoint"]), state=state, result=result, notes=notes)
+
+
 def _retime_speed(src: Path, dst: Path, fps_out: Fraction, *, codec, crf) -> RetimeResult:
     """--mode speed: the same frames at ``fps_out``, streamed from the decoder to the encoder (one
     frame in memory, whatever the input's length; a GIF output collects its frames first)."""

@@ -1,6 +1,7 @@
 """`eqmctl retime`: resample / speed / model modes on real files written and read back with PyAV."""
 
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from eqm import checkpoint as C
-from eqm.errors import EqmError
+from eqm.errors import EqmError, ParamError
 from eqm.config import EqMConfig, SamplerSettings
 from eqm.timebase import frames_for_duration
 from eqm.model import EqMTransformer
@@ -19,6 +20,7 @@ from eqm.retime import (
     plan_windows,
     resample_frames,
     resample_indices,
+    retime_checkpoint,
     retime_video,
     video_duration,
 )
@@ -338,6 +340,23 @@ def test_model_mode_cli_writes_exact_rate_with_originals(tmp_path, ckpt):
     err_orig = np.abs(got[0::2].astype(int) - src_frames.astype(int)).max()
     assert err_orig <= 6  # two crf-0 yuv420p encodes of smooth gradients
     assert np.abs(got[1::2].astype(int) - src_frames.astype(int)).mean() > 2
+
+
+def test_retime_checkpoint_is_what_the_cli_does(tmp_path, ckpt):
+    """The library call (a label given by index here) writes the same frames as `eqmctl retime
+    --mode model` with the same options, and names the checkpoint it used."""
+    src = tmp_path / "in.mkv"
+    write_video(src, smooth_frames(6), 6, crf=0)
+    cli_out, lib_out = tmp_path / "cli.mkv", tmp_path / "lib.mkv"
+    code, _, err = run([src, "--fps", 12, "--mode", "model", "--ckpt", ckpt, "--out", cli_out, "--steps", 3,
+                        "--label", 2, "--seed", 4, "--crf", 0, "--device", "cpu"])
+    assert code == 0, err
+    got = retime_checkpoint(src, lib_out, 12, ckpt, label=2, seed=4, settings=SamplerSettings(steps=3), crf=0, device="cpu")
+    assert got.checkpoint == Path(ckpt) and got.result.generated == 6 and got.notes == []
+    assert np.array_equal(read_back(lib_out)[2], read_back(cli_out)[2])
+    with pytest.raises(ParamError, match="label"):
+        retime_checkpoint(src, tmp_path / "bad.mkv", 12, ckpt, label=7, device="cpu")
+    assert not (tmp_path / "bad.mkv").exists()
 
 
 def test_model_mode_needs_a_multiple_of_the_input_rate(tmp_path, ckpt):

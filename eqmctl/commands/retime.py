@@ -66,21 +66,23 @@ def retime(
             if settings != SamplerSettings():
                 warn("sampler options only apply to --mode model; ignored")
 
-        model, state, kwargs = None, {}, {}
-        if mode == "model":
-            if ckpt is None:
-                raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH (a checkpoint or run directory)")
-            model, state, kwargs = _load(ckpt, ema, device, settings, label, window, batch_size, seed, dtype, vae)
+        if mode == "model" and ckpt is None:
+            raise EqmError("--mode model needs a trained checkpoint: pass --ckpt PATH (a checkpoint or run directory)")
 
-        from eqm.errors import NonFiniteError
-        from eqm.retime import retime_video
+        from eqm.retime import retime_checkpoint, retime_video
 
-        try:
-            with progress_bar("generating in-betweens", enabled=mode == "model" and is_tty() and not json_out) as progress_cb:
-                res = retime_video(input, out, rate, mode, blend=blend and mode == "resample", model=model, crf=crf,
-                                   progress=progress_cb, **kwargs)
-        except NonFiniteError as e:  # the model is what broke: name its checkpoint
-            raise NonFiniteError(f"checkpoint {state.get('checkpoint')}: {e}") from None
+        state = {}
+        with progress_bar("generating in-betweens", enabled=mode == "model" and is_tty() and not json_out) as progress_cb:
+            if mode == "model":
+                run = retime_checkpoint(
+                    input, out, rate, ckpt, use_ema=ema, device=device, label=label, vae=vae, window=window,
+                    settings=settings, seed=seed, batch_size=batch_size, dtype=dtype, crf=crf, progress=progress_cb,
+                )
+                for n in run.notes:
+                    warn(n)
+                res, state = run.result, run.state
+            else:
+                res = retime_video(input, out, rate, mode, blend=blend and mode == "resample", crf=crf)
         for n in res.notices:
             warn(n)
         if json_out:
@@ -96,23 +98,6 @@ def retime(
             print(dumps(doc, indent=2))
             return
         _print_summary(input, res, blend and mode == "resample", state)
-
-
-def _load(ckpt, ema, device, settings, label, window, batch_size, seed, dtype, vae):
-    """Load the model (EMA weights, or the raw ones with a warning; a latent model's VAE) and turn
-    --label into a class id."""
-    from eqm.generate import load_for_sampling, parse_labels
-    from eqm.latent import checkpoint_vae
-
-    model, state, notes = load_for_sampling(ckpt, use_ema=ema, device=device)
-    for text in notes:
-        warn(text)
-    y = None
-    if label is not None:
-        y = int(parse_labels(label, model.config.num_classes, 1, list(state.get("class_names") or []), param="label")[0])
-    vae = checkpoint_vae(state, vae, next(model.parameters()).device, where=state["checkpoint"])
-    kwargs = dict(window=window, label=y, settings=settings, seed=seed, batch_size=batch_size, dtype=dtype, vae=vae)
-    return model, state, kwargs
 
 
 def _print_summary(input: Path, res, blend: bool, state) -> None:
