@@ -31,6 +31,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import fsio
+from .distributed import before_process_group
 from .errors import EqmError
 from .jsonio import dumps
 from .recipe import Recipe
@@ -221,7 +222,7 @@ def build_cache(recipe: Recipe, out: PathLike, *, shard_size: int = DEFAULT_SHAR
         raise EqmError(f"--shard-size must be a positive number of clips, got {shard_size!r}")
     t0 = time.time()
     out = Path(out)
-    # The VAE (diffusers, which imports torch._dynamo) before the process group: see eqm.train.
+    before_process_group()
     vae = recipe_vae(recipe, "cpu")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib
 import math
 import os
 import re
@@ -30,6 +29,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import EqMConfig
+from .distributed import before_process_group
 from .errors import EqmError
 from .timebase import format_eta
 from .recipe import Recipe, check_memory
@@ -591,10 +591,7 @@ def _build_accelerator(recipe: Recipe, run_dir: Optional[Path], warn: Callable[[
     kwargs: dict[str, Any] = {}
     if log_with is not None:
         kwargs.update(log_with=log_with, project_dir=str(run_dir) if run_dir is not None else None)
-    # Imported before the process group exists: importing torch._dynamo (which the first
-    # optimizer does) after init_process_group leaves references to the group that
-    # destroy_process_group cannot drop, so its worker threads outlive it (see shutdown_distributed).
-    importlib.import_module("torch._dynamo")
+    before_process_group()
 
     # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with
     # another mixed precision ("already been initialized"), so a library caller's second train()
@@ -607,22 +604,6 @@ def _build_accelerator(recipe: Recipe, run_dir: Optional[Path], warn: Callable[[
     return Accelerator(
         cpu=not cuda, mixed_precision=mp, gradient_accumulation_steps=recipe.train.grad_accum, **kwargs
     )
-
-
-def shutdown_distributed() -> None:
-    """Tear down the process group that ``accelerate launch`` set up, if there is one.
-
-    For the process that owns the run (the CLI), at its very end. Left to interpreter exit, a gloo
-    worker thread can still be releasing the last collective's tensors while Python finalizes; it
-    then dies in std::terminate and the rank exits with SIGABRT after a run that finished
-    correctly, failing the whole launch (about 1 launch in 20 on 2 CPU ranks). Destroying the
-    group joins those threads first. Library callers that train several times in one process
-    should not call this between runs.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

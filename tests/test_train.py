@@ -473,7 +473,8 @@ def test_two_processes_train_one_model(tmp_path):
 SHUTDOWN_PROBE = """
 import os, sys, torch
 from eqm.recipe import load_recipe
-from eqm.train import _build_accelerator, shutdown_distributed
+from eqm.distributed import shutdown_distributed
+from eqm.train import _build_accelerator
 acc = _build_accelerator(load_recipe(sys.argv[1], []), None, print)
 torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())  # the first optimizer imports torch._dynamo
 acc.wait_for_everyone()

@@ -32,7 +32,7 @@ def cache(
     with user_errors():
         from eqm.cache import build_cache
         from eqm.recipe import load_recipe
-        from eqm.train import shutdown_distributed
+        from eqm.distributed import shutdown_distributed
 
         rec = load_recipe(recipe, overrides or [])
         try:

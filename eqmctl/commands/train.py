@@ -60,7 +60,8 @@ def train(
             _validate(rec)
             return
 
-        from eqm.train import shutdown_distributed, train as run_training
+        from eqm.distributed import shutdown_distributed
+        from eqm.train import train as run_training
 
         try:
             result = run_training(rec, run_dir, resume, runs_root=runs_root, warn=warn)
