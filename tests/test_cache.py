@@ -2,6 +2,7 @@
 video files, one of them variable-rate) into shards; determinism, resume after an interrupt,
 unreadable files counted, and a 2-process run that splits the shards."""
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -27,6 +28,25 @@ def quiet(_line):
     pass
 
 
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(_torch_threads):
+    """Encode on one thread, as each rank of the two-process test does (OMP_NUM_THREADS=1). The
+    tests compare shard bytes: on two threads, with the machine busy, two builds in one process
+    came out one float16 ulp apart; on one thread they match."""
+    with _one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def kl(tmp_path_factory):
     return save_tiny_kl(tmp_path_factory.mktemp("vae") / "kl")
@@ -36,7 +56,8 @@ def kl(tmp_path_factory):
 def full(kl, tmp_path_factory):
     """An uninterrupted single-process cache of 12 synthetic clips in shards of 5."""
     out = tmp_path_factory.mktemp("full") / "cache"
-    build_cache(load_recipe(TINY, SYNTH + [f"vae.path={kl}"]), out, shard_size=5, log=quiet)
+    with _one_thread():
+        build_cache(load_recipe(TINY, SYNTH + [f"vae.path={kl}"]), out, shard_size=5, log=quiet)
     return out
 
 
