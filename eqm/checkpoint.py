@@ -456,35 +456,57 @@ def load_model(ckpt_path_or_run_dir: Optional[PathLike] = None, use_ema: bool = 
 
 
 def load_training_state(ckpt: PathLike, map_location="cpu") -> dict:
-    """optim.pt of a checkpoint, loaded with ``weights_only=True``."""
-    import pickle
-
-    import torch
-
+    """optim.pt of a checkpoint, read by :func:`read_torch_file` (tensors and plain values only)."""
     path = Path(ckpt) / OPTIM_FILE
     if not path.is_file():
         raise EqmError(f"checkpoint {ckpt} has no training state ({OPTIM_FILE}); it can be sampled from but not resumed")
-    try:
-        tstate = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise EqmError(f"refused to load training state {path}: {_refusal(str(e))} "
-                       "(a training state holds only tensors and plain values)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise EqmError(f"cannot read training state {path}: {' '.join(str(e).split())[:200]}") from None
+    tstate = read_torch_file(path, map_location=map_location, what="training state")
     _check_training_state(tstate, path)
     return tstate
 
 
-def _refusal(message: str) -> str:
-    """What torch's weights_only unpickler refused, without its advice to turn the safety off."""
+def read_torch_file(path: Path, *, allowed=(), mmap: bool = False, map_location="cpu", what: str = "torch checkpoint"):
+    """``torch.load(weights_only=True)`` of a torch file: tensors and plain values, plus the
+    classes in ``allowed`` (for this call only).  ``mmap`` maps the tensors instead of reading
+    them (files older than torch 1.6 cannot be mapped and are read).  A pickle that asks for
+    anything else is refused before any of it runs; either way the error is one line naming
+    ``what`` and the file.
+    """
+    import pickle
+
+    import torch
+
+    def load(mapped: bool):
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mapped)
+
+    try:
+        try:
+            return load(mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            return load(False)
+    except pickle.UnpicklingError as e:
+        raise _refusal(f"{what} {path}", e) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise EqmError(f"cannot read {what} {path}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _refusal(where: str, err: Exception) -> EqmError:
+    """What torch's weights-only unpickler refused, without its advice to turn the safety off."""
     import re
 
-    text = " ".join(message.split())
-    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
-    if found:
-        return f"it asks for the Python object {found.group(1)}, which could run code"
-    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|\. |$)", text)
-    return f"its pickle stream is not allowed ({found.group(1)[:120]})" if found else "it is not a plain tensor file"
+    text = " ".join(str(err).split())
+    asked = re.search(r"GLOBAL ([\w.]+)", text)
+    if asked:
+        return EqmError(
+            f"refused to load {where}: the file asks to run '{asked.group(1)}' while loading, which a checkpoint "
+            "never needs (read with torch.load(weights_only=True); nothing in it was executed)"
+        )
+    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    why = detail.group(1).strip() if detail else text[:160]
+    return EqmError(f"cannot read {where}: the weights-only unpickler refused it ({why}; nothing in it was executed)")
 
 
 def _check_training_state(tstate: Any, path: Path) -> None:

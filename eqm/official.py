@@ -19,7 +19,6 @@ against the model name, so a renamed or truncated file fails on the key that is 
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,44 +71,15 @@ class LoadedWeights:
 # ============================================================================================
 
 
-def _refusal(path: Path, err: Exception) -> EqmError:
-    """The one line for a pickle the weights-only unpickler stopped (nothing of it ran)."""
-    text = " ".join(str(err).split())
-    asked = re.search(r"GLOBAL ([\w.]+)", text)
-    if asked:
-        return EqmError(
-            f"refused to load {path}: the file asks to run '{asked.group(1)}' while loading, which a checkpoint "
-            "never needs (read with torch.load(weights_only=True); nothing in it was executed)"
-        )
-    detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
-    why = detail.group(1).strip() if detail else text[:160]
-    return EqmError(f"cannot read {path} as a torch checkpoint: {why} (nothing in it was executed)")
-
-
 def read_pt(path: PathLike) -> Any:
-    """torch.load(weights_only=True) of a .pt with only OFFICIAL_SAFE_GLOBALS allowed (scoped to
-    this call), tensors memory-mapped on the CPU.  EqmError naming the file on anything else."""
-    import torch
+    """A .pt file read with only OFFICIAL_SAFE_GLOBALS allowed beyond tensors and plain values,
+    tensors memory-mapped on the CPU (:func:`eqm.checkpoint.read_torch_file`)."""
+    from .checkpoint import read_torch_file
 
     path = Path(path)
     if not path.is_file():
         raise EqmError(f"checkpoint not found: {path}")
-
-    def load(mmap: bool):
-        with torch.serialization.safe_globals(list(OFFICIAL_SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-    try:
-        try:
-            return load(mmap=True)
-        except RuntimeError as e:  # files from torch < 1.6 (no zip container) cannot be mapped
-            if "mmap" not in str(e):
-                raise
-            return load(mmap=False)
-    except pickle.UnpicklingError as e:
-        raise _refusal(path, e) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
-        raise EqmError(f"cannot read {path} as a torch checkpoint: {' '.join(str(e).split())[:200]}") from None
+    return read_torch_file(path, allowed=OFFICIAL_SAFE_GLOBALS, mmap=True)
 
 
 def _strip_prefixes(sd: dict) -> dict:
