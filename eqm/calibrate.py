@@ -488,8 +488,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
     moved) and measured on the decoded frames, against reference clips in pixels.
     """
     from .generate import load_for_sampling, recipe_cfg_scale
-    from .latent import checkpoint_vae
-    from .train import build_dataset
+    from .latent import checkpoint_vae, recipe_dataset
 
     say = log or (lambda _line: None)
     rates = parse_rates(rates)
@@ -507,7 +506,7 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         raise EqmError("cfg_scales: guidance needs a class-conditional model (this one has no classes)")
 
     ref_recipe = reference_recipe(recipe, data, frame_size(model, vae), None if vae is None else vae.identity.path)
-    dataset = build_dataset(ref_recipe, warn=warnings.append)
+    dataset = recipe_dataset(ref_recipe, warn=warnings.append)
     if classes > 0 and int(getattr(dataset, "num_classes", 0) or 0) != classes:
         raise EqmError(f"the model has {classes} classes but the reference data ({data_name(ref_recipe)}) has "
                        f"{getattr(dataset, 'num_classes', 0)}")

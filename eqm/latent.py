@@ -17,7 +17,7 @@ Either way the timestamps the model sees are the latent frames' (eqm.vae.latent_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -110,6 +110,24 @@ def training_space(recipe: Recipe, dataset, device="cpu") -> Optional[LatentSpac
     vae = recipe_vae(recipe, device)
     check_clip_fits(recipe, vae)
     return LatentSpace.of(vae, encode_on_the_fly=True)
+
+
+def recipe_dataset(recipe: Recipe, seed: Optional[int] = None, warn: Optional[Callable[[str], None]] = None):
+    """The dataset a recipe trains on: its pixel source (eqm.data.clips.dataset_from_config) or,
+    for data.source latents, the latent cache, whose clip settings then replace the recipe's.
+    ``seed`` defaults to train.seed; ``warn`` gets the data warnings (skipped files, settings the
+    cache replaced) as one line each."""
+    from .data.clips import dataset_from_config
+
+    if recipe.data.source == "latents":
+        from .cache import LatentDataset
+
+        dataset = LatentDataset(recipe.data.latents)
+        changed = adopt_cache_clip_shape(recipe, dataset)
+        if changed and warn is not None:
+            warn(f"clip settings from the cache {recipe.data.latents} replace the recipe's: {', '.join(changed)}")
+        return dataset
+    return dataset_from_config(recipe.data, recipe.train.seed if seed is None else seed, warn)
 
 
 def adopt_cache_clip_shape(recipe: Recipe, dataset) -> list[str]:

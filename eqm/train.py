@@ -101,24 +101,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
 # ============================================================================================
 
 
-def build_dataset(recipe: Recipe, seed: Optional[int] = None, warn: Optional[Callable[[str], None]] = None):
-    """The training dataset of a recipe (eqm.data.clips.build_dataset, or a latent cache for
-    data.source latents, whose clip settings then replace the recipe's); ``warn`` gets the data
-    warnings (skipped files) as one line each."""
-    from .data.clips import dataset_from_config
-
-    if recipe.data.source == "latents":
-        from .cache import LatentDataset
-        from .latent import adopt_cache_clip_shape
-
-        dataset = LatentDataset(recipe.data.latents)
-        changed = adopt_cache_clip_shape(recipe, dataset)
-        if changed and warn is not None:
-            warn(f"clip settings from the cache {recipe.data.latents} replace the recipe's: {', '.join(changed)}")
-        return dataset
-    return dataset_from_config(recipe.data, recipe.train.seed if seed is None else seed, warn)
-
-
 def resolve_num_classes(recipe: Recipe, dataset) -> int:
     """model.num_classes, or the dataset's count when null; checks the labels fit."""
     have = int(getattr(dataset, "num_classes", 0) or 0)
@@ -351,11 +333,11 @@ def validate_recipe(recipe: Recipe, warn: Optional[Callable[[str], None]] = None
     Returns a summary dict: dataset size/classes/skipped, parameter counts, tokens per clip,
     clip shape, global batch, epochs the run will cover, device and process count.
     """
-    from .latent import model_batch, model_input_shape, training_space
+    from .latent import model_batch, model_input_shape, recipe_dataset, training_space
 
     check_tracker(recipe.tracking.backend)
     check_memory(recipe, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset = build_dataset(recipe, warn=warn)
+    dataset = recipe_dataset(recipe, warn=warn)
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset)
     shape = model_input_shape(recipe, space, dataset)
@@ -745,11 +727,11 @@ class _Run:
 
 def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], None]) -> _Run:
     """Build the dataset, the model (keeping a resumed checkpoint's time layout), EMA and optimizer."""
-    from .latent import model_input_shape, training_space
+    from .latent import model_input_shape, recipe_dataset, training_space
 
     main = accelerator.is_main_process
     check_memory(recipe, accelerator.device)  # before anything is built
-    dataset = build_dataset(recipe, warn=warn if main else (lambda _msg: None))
+    dataset = recipe_dataset(recipe, warn=warn if main else (lambda _msg: None))
     num_classes = resolve_num_classes(recipe, dataset)
     space = training_space(recipe, dataset, accelerator.device)
     shape = model_input_shape(recipe, space, dataset)

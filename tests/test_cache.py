@@ -70,7 +70,7 @@ def index(out):
 
 
 def test_cache_is_deterministic_and_holds_what_training_reads(kl, full, tmp_path):
-    from eqm.train import build_dataset
+    from eqm.latent import recipe_dataset
 
     again = tmp_path / "again"
     res = build_cache(load_recipe(TINY, SYNTH + [f"vae.path={kl}"]), again, shard_size=5, log=quiet)
@@ -80,7 +80,7 @@ def test_cache_is_deterministic_and_holds_what_training_reads(kl, full, tmp_path
     assert [e["clip"] for e in entries] == list(range(12))
     assert len({round(e["fps"], 3) for e in entries}) == 12  # every clip at its own rate
     data = LatentDataset(full)
-    pixels = build_dataset(load_recipe(TINY, SYNTH))
+    pixels = recipe_dataset(load_recipe(TINY, SYNTH))
     vae = load_vae(kl)
     for i in (0, 7):
         item, want = data[i], pixels[i]

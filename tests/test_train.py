@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from eqm import checkpoint as C
 from eqm.errors import EqmError
 from eqm.recipe import load_recipe
-from eqm.train import EMA, DivergenceGuard, LRSchedule, StepBatchSampler, build_dataset, derive_seed, train
+from eqm.latent import recipe_dataset
+from eqm.train import EMA, DivergenceGuard, LRSchedule, StepBatchSampler, derive_seed, train
 from eqmctl.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_lr_schedule_and_ema():
 
 def test_batches_mix_frame_rates_with_per_sample_timestamps():
     r = recipe("data.synthetic.length=32")
-    ds = build_dataset(r)
+    ds = recipe_dataset(r)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), 8, seed=0, stop_micro=1))
     batch = next(iter(loader))
     ts = batch["timestamps"]
