@@ -384,6 +384,12 @@ class _Mismatch(Exception):
     pass
 
 
+#: Words YAML 1.1 (PyYAML) turns into booleans; a choice field spelled with one of them (e.g.
+#: train.mixed_precision: no) gets the choice back.
+_YAML_FALSE = ("no", "off", "false")
+_YAML_TRUE = ("yes", "on", "true")
+
+
 def _convert(value: Any, tp, key: str, allow_none_word: bool = False) -> Any:
     """Convert/check one value against a type annotation; raises _Mismatch when it does not fit."""
     origin = typing.get_origin(tp)
@@ -407,8 +413,13 @@ def _convert(value: Any, tp, key: str, allow_none_word: bool = False) -> Any:
                 continue
         raise _Mismatch
     if origin is Literal:
-        if isinstance(value, str) and value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: the choice that was written
+            spelled = [c for c in choices if c in (_YAML_FALSE if value is False else _YAML_TRUE)]
+            if len(spelled) == 1:
+                return spelled[0]
         raise _Mismatch
     if tp is bool:
         if isinstance(value, bool):

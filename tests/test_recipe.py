@@ -249,3 +249,14 @@ def test_cli_schema_and_missing_recipe():
     assert res.exit_code == 0 and "model.time.mode" in res.output
     res = runner.invoke(app, ["train"])
     assert res.exit_code == 2 and "missing RECIPE.yaml" in res.output
+
+
+def test_yaml_boolean_words_give_back_the_choice_written(tmp_path):
+    """PyYAML reads `no` as False: `train.mixed_precision: no` (Accelerate's own spelling) and the
+    override `train.mixed_precision=no` mean the choice 'no', not a type error."""
+    r = load_recipe(write(tmp_path, "train:\n  mixed_precision: no\n"))
+    assert r.train.mixed_precision == "no"
+    r = load_recipe(write(tmp_path, "{}\n"), ["train.mixed_precision=no"])
+    assert r.train.mixed_precision == "no"
+    with pytest.raises(EqmError, match="train.mixed_precision must be one of"):
+        load_recipe(write(tmp_path, "{}\n"), ["train.mixed_precision=yes"])  # no choice is spelled yes
