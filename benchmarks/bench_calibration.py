@@ -70,9 +70,9 @@ def _training_part(recipe: Optional[dict]) -> Optional[dict]:
 
 def motion_of(recipe):
     """The SyntheticMotion the recipe's dataset renders (same speeds, radius and frame size)."""
-    from eqm.train import build_dataset
+    from eqm.latent import recipe_dataset
 
-    ds = build_dataset(recipe)
+    ds = recipe_dataset(recipe)
     motion = getattr(ds, "motion", None)
     if motion is None:
         raise SystemExit(f"recipe {recipe.name}: calibration needs data.source=synthetic")

@@ -59,11 +59,11 @@ def load(ckpt):
     """(model, recipe, SyntheticMotion) of a checkpoint trained on the synthetic source."""
     from eqm.checkpoint import load_model
     from eqm.recipe import recipe_from_dict
-    from eqm.train import build_dataset
+    from eqm.latent import recipe_dataset
 
     model, state = load_model(ckpt, use_ema=True)
     recipe = recipe_from_dict(state["recipe"], where=str(state["checkpoint"]))
-    motion = getattr(build_dataset(recipe), "motion", None)
+    motion = getattr(recipe_dataset(recipe), "motion", None)
     if motion is None:
         raise SystemExit(f"{state['checkpoint']}: this benchmark needs a model trained on data.source=synthetic")
     return model, recipe, motion, state
@@ -161,9 +161,10 @@ def train_levers(recipe, args) -> None:
     import torch
 
     from eqm.objective import eqm_loss
-    from eqm.train import build_dataset, build_model
+    from eqm.latent import recipe_dataset
+    from eqm.train import build_model
 
-    ds = build_dataset(recipe)
+    ds = recipe_dataset(recipe)
     batch = torch.utils.data.default_collate([ds[i] for i in range(recipe.train.batch_size)])
     x, ts, y = batch["video"], batch["timestamps"].float(), batch["label"]
     print(f"\ntraining levers: {recipe.name}, batch {recipe.train.batch_size}, {tuple(x.shape[1:])} clips, "
