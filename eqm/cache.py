@@ -32,7 +32,7 @@ import torch
 
 from . import fsio
 from .distributed import before_process_group
-from .errors import EqmError
+from .errors import EqmError, ParamError
 from .jsonio import dumps
 from .recipe import Recipe
 from .timebase import format_eta
@@ -193,10 +193,10 @@ def _prepare_out(out: Path, settings: dict, header: dict) -> None:
             raise EqmError(f"{path} is not a latent cache's description; choose another --out") from None
         if not same:
             raise EqmError(f"{out} holds a latent cache made with other settings (recipe data section, seed, "
-                           f"shard size or VAE); choose another --out or delete it")
+                           f"shard size or VAE); choose another output folder or delete it")
         return
     if out.exists() and any(out.iterdir()):
-        raise EqmError(f"--out {out} exists and is not a latent cache; choose an empty or new directory")
+        raise ParamError("out", f"out {out} exists and is not a latent cache; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
     fsio.write_json(path, {"format": FORMAT, "complete": False, "settings": settings, **header})
 
@@ -219,7 +219,7 @@ def build_cache(recipe: Recipe, out: PathLike, *, shard_size: int = DEFAULT_SHAR
     from accelerate.utils import broadcast_object_list
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise EqmError(f"--shard-size must be a positive number of clips, got {shard_size!r}")
+        raise ParamError("shard_size", f"shard_size must be a positive number of clips, got {shard_size!r}")
     t0 = time.time()
     out = Path(out)
     before_process_group()

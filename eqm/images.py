@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .config import PAPER_SETTINGS, SamplerSettings
-from .errors import EqmError, NonFiniteError
+from .errors import EqmError, NonFiniteError, ParamError
 
 #: Most images per grid row.
 GRID_COLUMNS = 8
@@ -51,9 +51,9 @@ def check_vae_fits(model, vae) -> None:
     """EqmError unless ``vae`` decodes this model's latents (None: a 3-channel pixel model)."""
     if vae is None:
         if model.config.in_channels != 3:
-            raise EqmError(
-                f"this model makes {model.config.in_channels}-channel latents: give --vae PATH, the local folder of the "
-                "VAE it was trained with (official EqM checkpoints: stabilityai/sd-vae-ft-ema)"
+            raise ParamError(
+                "vae", f"vae is needed: this model makes {model.config.in_channels}-channel latents; give the local "
+                "folder of the VAE it was trained with (official EqM checkpoints: stabilityai/sd-vae-ft-ema)"
             )
         return
     if vae.kind != "image" or vae.latent_channels != model.config.in_channels:

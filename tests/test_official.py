@@ -445,7 +445,7 @@ def test_sample_official_errors_are_one_line(official, tmp_path):
     _, path = official
     runner = CliRunner()
     res = runner.invoke(app, ["sample", "--ckpt", str(path), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "4-channel latents: give --vae PATH" in res.output
+    assert res.exit_code == 2 and "--vae is needed: this model makes 4-channel latents" in res.output
     assert not (tmp_path / "o").exists()
     res = runner.invoke(app, ["sample", "--ckpt", str(path), "--vae", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "VAE folder not found" in res.output
