@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import EqmError
+from .errors import EqmError, ParamError
 from .recipe import Recipe
 from .vae import Vae, VaeIdentity, load_vae, sample_posterior, vae_identity
 
@@ -81,7 +81,7 @@ def checkpoint_vae(state: dict, path=None, device="cpu", where: str = "checkpoin
     rec = state.get("vae")
     if not rec:
         if path is not None:
-            raise EqmError(f"{where} is a pixel-space model (trained without a VAE): --vae does not apply")
+            raise ParamError("vae", f"vae does not apply: {where} is a pixel-space model (trained without a VAE)")
         return None
     return LatentSpace.from_record(rec, where).vae(path, device)
 

@@ -521,13 +521,13 @@ def check_retime_vae(model, vae) -> None:
     be placed at its own timestamp."""
     if vae is None:
         if model.config.in_channels != 3:
-            raise EqmError(f"this model works in a VAE's latent space ({model.config.in_channels} channels): retime needs "
-                           f"its VAE (recorded in the checkpoint; --vae PATH if the folder moved)")
+            raise ParamError("vae", f"vae is needed: this model works in a VAE's latent space ({model.config.in_channels} "
+                                    "channels); pass the VAE it was trained with (eqm.vae.load_vae of its folder)")
         return
     if vae.temporal > 1:
-        raise EqmError(f"--mode model needs a per-frame VAE, and this model's ({vae.describe()}) turns {vae.temporal} "
-                       f"frames into one latent frame, so original frames cannot be kept and clamped one by one; "
-                       f"use --mode resample, or a model trained through a per-frame VAE such as SD-VAE")
+        raise ParamError("mode", f"mode 'model' needs a per-frame VAE, and this model's ({vae.describe()}) turns "
+                         f"{vae.temporal} frames into one latent frame, so original frames cannot be kept and clamped "
+                         f"one by one; use mode 'resample', or a model trained through a per-frame VAE such as SD-VAE")
     if vae.latent_channels != model.config.in_channels:
         raise EqmError(f"the VAE {vae.identity.describe()} makes {vae.latent_channels}-channel latents, the model takes "
                        f"{model.config.in_channels}")
@@ -729,5 +729,5 @@ def _check_memory(n: int, frame_shape) -> None:
     if need > MAX_OUTPUT_BYTES:
         raise EqmError(
             f"the output would be {n} frames of {frame_shape[1]}x{frame_shape[0]} ({need / 1024**3:.1f} GiB decoded); "
-            f"retime holds a video in memory, the limit is {MAX_OUTPUT_BYTES / 1024**3:.0f} GiB: cut the input or lower --fps"
+            f"retime holds a video in memory, the limit is {MAX_OUTPUT_BYTES / 1024**3:.0f} GiB: cut the input or lower the output rate"
         )

@@ -30,7 +30,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import EqMConfig
 from .distributed import before_process_group
-from .errors import EqmError
+from .errors import EqmError, ParamError
 from .timebase import format_eta
 from .recipe import Recipe, check_memory
 from .rundir import RunDir
@@ -407,7 +407,7 @@ def _plan_run(recipe: Recipe, run_dir: Optional[PathLike], resume: Optional[Path
         if run_dir is not None and str(resume) == "latest":
             ck = ckpt_io.latest_readable(run_dir, training=True, warn=warn)
             if ck is None:
-                raise EqmError(f"--resume latest: run directory {run_dir} has no checkpoint")
+                raise ParamError("resume", f"resume 'latest': run directory {run_dir} has no checkpoint")
         elif str(resume) == "latest":
             ck = ckpt_io.resolve_checkpoint("latest", runs_root, run_prefix=recipe.name, warn=warn, training=True)
         else:

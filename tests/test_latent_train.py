@@ -96,7 +96,7 @@ def test_on_the_fly_encoding_through_a_video_vae(vaes, tmp_path):
     clip = next(out.glob("*.mp4"))  # retime --mode model refuses a temporally compressing VAE, in one line
     res = runner.invoke(app, ["retime", str(clip), "--fps", "60", "--mode", "model", "--ckpt", str(tmp_path / "run"),
                               "--out", str(tmp_path / "r.mp4")])
-    assert res.exit_code == 2 and "needs a per-frame VAE" in res.output and "--mode resample" in res.output
+    assert res.exit_code == 2 and "needs a per-frame VAE" in res.output and "mode 'resample'" in res.output
     assert not (tmp_path / "r.mp4").exists()
     res = runner.invoke(app, ["train", str(TINY), *FAST, *PIXELS, "data.num_frames=6", f"vae.path={vaes[1]}", "--validate"])
     assert res.exit_code == 2 and "needs 4k+1 frames (e.g. 5 or 9)" in res.output
