@@ -11,7 +11,7 @@ DEMO_RECIPE ?= recipes/demo.yaml
 # 2nd step, 20 steps of 0.05 instead of 40 of 0.03 (bf16 autocast did not pay on this CPU).
 DEMO_SAMPLE ?= --cfg-every 2 --steps 20 --step-size 0.05 --tol 0
 # Recipe overrides for the demo's training run: `make demo DEMO_TRAIN=train.steps=6000` trains
-# long enough (963 s on 2 idle cores) for the discs to follow their class (docs/demo.md).
+# long enough for the discs to follow their class (963-1707 s with the VM's speed: docs/demo.md).
 DEMO_TRAIN ?=
 
 .PHONY: venv demo test test-slow clean
