@@ -3,17 +3,7 @@ table (coherence, direction, speed), the sampler levers and the frame strip all 
 real sampling and tracking code.  No quality is asserted: the model is untrained (docs/demo.md
 has the measured figures)."""
 
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_demo", REPO / "benchmarks" / "bench_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_import import REPO, load_benchmark
 
 
 def test_bench_demo_runs_on_a_demo_checkpoint(tmp_path, capsys):
@@ -27,7 +17,7 @@ def test_bench_demo_runs_on_a_demo_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     train(recipe, run_dir=run)
     strip = tmp_path / "strip.png"
-    code = load_bench().main(["--ckpt", str(run), "--per-class", "1", "--rates", "6,60", "--seconds", "0.5",
+    code = load_benchmark("bench_demo").main(["--ckpt", str(run), "--per-class", "1", "--rates", "6,60", "--seconds", "0.5",
                               "--steps", "2", "--levers", "--lever-clips", "1", "--strip", str(strip)])
     assert code == 0
     out = capsys.readouterr().out

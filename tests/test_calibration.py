@@ -3,19 +3,10 @@ train briefly in each mode, sample at rates inside and outside the training rang
 disc, write the table, JSON and plot.  No accuracy is asserted here: that is the benchmark's job
 (docs/calibration.md has the numbers)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_calibration", REPO / "benchmarks" / "bench_calibration.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from bench_import import REPO, load_benchmark
 
 
 SMALL = ["data.height=16", "data.width=16", "data.num_frames=4", "model.depth=1", "train.batch_size=4",
@@ -23,7 +14,7 @@ SMALL = ["data.height=16", "data.width=16", "data.num_frames=4", "model.depth=1"
 
 
 def test_calibration_pipeline_runs_end_to_end(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_benchmark("bench_calibration")
     out = tmp_path / "calib"
     code = bench.main(["--steps", "3", "--samples", "1", "--rates", "6,24,60", "--modes", "seconds,index,fps-embed",
                        "--sample-steps", "3", "--cfg-scale", "1.5", "--out", str(out), *SMALL])
@@ -61,7 +52,7 @@ def test_calibration_pipeline_runs_end_to_end(tmp_path, capsys):
 
 
 def test_calibration_rejects_bad_arguments(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_benchmark("bench_calibration")
     assert bench.main(["--modes", "frames", "--out", str(tmp_path / "c")]) == 2
     assert bench.main(["--rates", "0", "--out", str(tmp_path / "c")]) == 2
     assert bench.main(["--frames", "5", "--frames-per-rate", "--out", str(tmp_path / "c")]) == 2
