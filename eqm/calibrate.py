@@ -342,17 +342,19 @@ def generation_labels(num_classes: int, samples: int):
 
 
 def measure_rate(model, recipe: Optional[dict], rate: Fraction, cfg_scale: float, *, samples: int, seed: int,
-                 sampler: SamplerSettings, batch_size: Optional[int], gap: float, vae=None):
+                 sampler: SamplerSettings, batch_size: Optional[int], gap: float, vae=None,
+                 seconds: Optional[float] = None):
     """Sample the model at ``rate`` and measure every clip: (ClipSpeeds, frames, warning or None,
     the sampler settings used, defaults resolved).
 
     Clip length as `eqmctl sample` picks it (the training length, shortened at rates where it
-    would reach past the trained seconds); noise per sample from ``seed``, the same at every rate.
+    would reach past the trained seconds), or ``seconds`` long at every rate (its frame count
+    then grows with the rate); noise per sample from ``seed``, the same at every rate.
     vae: a latent model's VAE (eqm.latent.checkpoint_vae); its samples are measured decoded.
     """
     from .generate import generate, plan_frames
 
-    frames, beyond = plan_frames(model, recipe, rate, temporal=1 if vae is None else vae.temporal)
+    frames, beyond = plan_frames(model, recipe, rate, seconds=seconds, temporal=1 if vae is None else vae.temporal)
     labels, n = generation_labels(int(model.config.num_classes), samples)
     gen = generate(model, fps=rate, num_frames=frames, num_samples=n, labels=labels,
                    settings=replace(sampler, cfg_scale=cfg_scale), seed=seed, batch_size=batch_size, vae=vae)
@@ -476,14 +478,15 @@ def _train_fps(recipe: Optional[dict]) -> Optional[tuple[float, float]]:
 
 def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, cfg_scales=None, seed: int = 0,
               ema: bool = True, sampler: Optional[SamplerSettings] = None, batch_size: Optional[int] = None, device="cpu",
-              gap: float = DEFAULT_GAP, runs_root="runs", vae_path=None,
+              gap: float = DEFAULT_GAP, runs_root="runs", vae_path=None, seconds: Optional[float] = None,
               log: Optional[Callable[[str], None]] = None) -> Calibration:
     """Measure a checkpoint's motion speed at each rate and guidance scale against its data's.
 
     ckpt: what `eqm.checkpoint.resolve_checkpoint` accepts; rates: "6,12,24" or a list; data: a
     recipe, manifest or folder instead of the checkpoint's own training data; samples: clips per
     class per rate; ref_clips: reference clips; cfg_scales: default the recipe's sample.cfg_scale;
-    sampler: the SamplerSettings (its cfg_scale is replaced by each scale). ``log`` receives one line per step.
+    sampler: the SamplerSettings (its cfg_scale is replaced by each scale); seconds: generated clips
+    of this duration at every rate instead of the training clip length. ``log`` receives one line per step.
     A latent-space checkpoint is sampled with the VAE it recorded (``vae_path`` when its folder
     moved) and measured on the decoded frames, against reference clips in pixels.
     """
@@ -519,7 +522,8 @@ def calibrate(ckpt, rates, *, data=None, samples: int = 8, ref_clips: int = 64, 
         for rate in rates:
             say(f"sampling at {float(rate):g} fps, guidance {scale:g}")
             gen, frames, beyond, used = measure_rate(model, recipe, rate, scale, samples=samples, seed=seed,
-                                                     sampler=opts, batch_size=batch_size, gap=gap, vae=vae)
+                                                     sampler=opts, batch_size=batch_size, gap=gap, vae=vae,
+                                                     seconds=seconds)
             if beyond and beyond not in warnings:
                 warnings.append(beyond)
             results.append(summarize_rate(gen, ref, rate, scale, frames))

@@ -189,6 +189,21 @@ def test_calibrate_measures_another_dataset_given_as_a_folder(random_run, tmp_pa
     assert abs(cal.reference.speed / (true * 12 / 24) - 1) < 0.1
 
 
+def test_seconds_gives_clips_of_one_duration_at_every_rate(random_run, tmp_path):
+    """--seconds 0.5: 3 frames at 6 fps, 30 at 60 fps (the default keeps the 6-frame training clip
+    length at every rate, so a 60 fps clip spans a tenth of a second)."""
+    out = tmp_path / "cal"
+    code, stdout, stderr = run(["calibrate", "--ckpt", str(random_run), "--rates", "6,60", "--samples", "1",
+                                "--ref-clips", "3", "--steps", "1", "--seconds", "0.5", "--json", "--out", str(out)])
+    assert code == 0, stderr
+    assert [r["frames"] for r in json.loads(stdout)["results"]] == [3, 30]
+    cal = calibrate(random_run, "60", samples=1, ref_clips=3, sampler=SamplerSettings(steps=1))
+    assert [r.frames for r in cal.results] == [6]
+    code, _, stderr = run(["calibrate", "--ckpt", str(random_run), "--rates", "6", "--seconds", "0",
+                           "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--seconds must be a positive" in stderr and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "{tmp}/nothing"], "checkpoint not found"),
     (["--rates", "6,0"], "rates must be positive"),

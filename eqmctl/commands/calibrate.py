@@ -23,6 +23,10 @@ def calibrate(
     ),
     samples: int = typer.Option(8, "--samples", "-N", help="Generated clips per class (per clip for a model without classes) at every rate."),
     ref_clips: int = typer.Option(64, "--ref-clips", help="Reference clips measured from the data."),
+    seconds: Optional[float] = typer.Option(
+        None, "--seconds", help="Generated clips of this duration at every rate (default: the training clip length, "
+        "as `eqmctl sample` picks it).",
+    ),
     cfg_scales: Optional[str] = typer.Option(
         None, "--cfg-scales", help="Comma-separated guidance scales to compare, e.g. 1,1.5,2 (default: the recipe's sample.cfg_scale).",
     ),
@@ -60,7 +64,8 @@ def calibrate(
         dev = resolve_device(device)
         log = None if json_out else (lambda line: err_console.print(f"[dim]{line}[/]", highlight=False))
         cal = run(ckpt, rates, data=data, samples=samples, ref_clips=ref_clips, cfg_scales=cfg_scales, seed=seed,
-                  ema=ema, sampler=settings, batch_size=batch_size, device=dev, runs_root=runs_root, vae_path=vae, log=log)
+                  ema=ema, sampler=settings, batch_size=batch_size, device=dev, runs_root=runs_root, vae_path=vae,
+                  seconds=seconds, log=log)
         for w in cal.warnings:
             warn(w)
         json_path, png_path = write_calibration(cal, out)
