@@ -5,7 +5,7 @@ model that knows real time should reproduce its training data's speeds at every 
 a time-blind one scales them with the rate. This measures that for any checkpoint and dataset,
 without ground truth (docs/calibration.md has the estimator's error and the measurements).
 
-* Estimator (`clip_speed`): dense optical flow (OpenCV's Farneback, no weights) between pairs of
+* Estimator (`clip_flow`): dense optical flow (OpenCV's Farneback, no weights) between pairs of
   frames a fixed real time apart (`DEFAULT_GAP`, chosen by the frames' timestamps), divided by
   the pair's real time difference; a clip's speed is the median flow magnitude over its moving
   pixels. Pairing by time, not adjacent frames, measures a 60 fps clip and a 6 fps one over the
@@ -128,13 +128,6 @@ def clip_flow(video, timestamps, gap: float = DEFAULT_GAP) -> tuple[float, float
     return float(np.median(np.hypot(vecs[:, 0], vecs[:, 1]))), used, vecs.mean(axis=0)
 
 
-def clip_speed(video, timestamps, gap: float = DEFAULT_GAP) -> tuple[float, float]:
-    """(speed in pixels per second, median pair gap in seconds) of one clip: :func:`clip_flow`
-    without the vector."""
-    speed, used, _ = clip_flow(video, timestamps, gap)
-    return speed, used
-
-
 @dataclass
 class ClipSpeeds:
     """Speeds (px/s, NaN where unmeasurable), labels (or None), pair gaps (s) and mean flow vectors
@@ -157,7 +150,7 @@ class ClipSpeeds:
 
 
 def measure_clips(videos, timestamps, labels=None, gap: float = DEFAULT_GAP) -> ClipSpeeds:
-    """`clip_speed` of every clip of a batch; videos (N, C, T, H, W), timestamps (N, T) or (T,)."""
+    """`clip_flow` of every clip of a batch; videos (N, C, T, H, W), timestamps (N, T) or (T,)."""
     t = np.asarray(timestamps.cpu() if hasattr(timestamps, "cpu") else timestamps, dtype=np.float64)
     out = [clip_flow(videos[n], t if t.ndim == 1 else t[n], gap) for n in range(len(videos))]
     lab = None if labels is None else np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64)
@@ -592,7 +585,7 @@ def write_calibration(cal: Calibration, out_dir) -> tuple[Path, Path]:
 
 
 __all__ = [
-    "DEFAULT_GAP", "Calibration", "ClipSpeeds", "RateResult", "Reference", "calibrate", "clip_flow", "clip_speed", "direction_share", "frame_pairs",
+    "DEFAULT_GAP", "Calibration", "ClipSpeeds", "RateResult", "Reference", "calibrate", "clip_flow", "direction_share", "frame_pairs",
     "measure_clips", "measure_dataset", "pair_flow", "parse_rates", "parse_scales", "plot_calibration",
     "reference_recipe", "write_calibration",
 ]

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from eqm.config import SamplerSettings
-from eqm.calibrate import calibrate, clip_speed, frame_pairs, measure_clips, measure_dataset
+from eqm.calibrate import calibrate, clip_flow, frame_pairs, measure_clips, measure_dataset
 from eqm.data.clips import ClipPolicy, VideoFolderDataset, synthetic_motion
 from eqm.data.pan import load_photo, pan_frames
 from eqm.data.speed import estimate_velocities
@@ -120,12 +120,12 @@ def test_a_real_clip_resampled_to_6_12_and_30_fps_keeps_its_speed(tmp_path):
 def test_nothing_moving_measures_zero_and_one_frame_nothing():
     still = torch.zeros(3, 6, 16, 16)
     still[:, :, 4:9, 4:9] = 1.0
-    s, gap = clip_speed(still, np.arange(6) / 24.0)
+    s, gap, _ = clip_flow(still, np.arange(6) / 24.0)
     assert s != s or s < 1e-3  # no moving pixel (NaN) or no flow
-    s, gap = clip_speed(still[:, :1], [0.0])
+    s, gap, _ = clip_flow(still[:, :1], [0.0])
     assert math.isnan(s) and math.isnan(gap)
     with pytest.raises(EqmError, match="timestamps"):
-        clip_speed(still, [0.0, 0.1])
+        clip_flow(still, [0.0, 0.1])
 
 
 # ----------------------------------------------------------------------------- the command
