@@ -190,7 +190,7 @@ def _prepare_out(out: Path, settings: dict, header: dict) -> None:
             have = json.loads(path.read_text())
             same = have.get("format") == FORMAT and _same_settings(have["settings"], settings)
         except (json.JSONDecodeError, KeyError, TypeError, EqmError):
-            raise EqmError(f"{path} is not a latent cache's description; choose another --out") from None
+            raise EqmError(f"{path} is not a latent cache's description; choose another output folder (out)") from None
         if not same:
             raise EqmError(f"{out} holds a latent cache made with other settings (recipe data section, seed, "
                            f"shard size or VAE); choose another output folder or delete it")

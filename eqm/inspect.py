@@ -349,7 +349,7 @@ def inspect_embedding(
         n = frames_for_duration(seconds, f)
         if n > MAX_CLIP_FRAMES:
             raise EqmError(f"seconds: {seconds:g} s at {format_fps(f)} fps is {n} frames; the plots compare at most "
-                           f"{MAX_CLIP_FRAMES} frames per clip (shorten --seconds)")
+                           f"{MAX_CLIP_FRAMES} frames per clip (shorten seconds)")
 
     raw = cfg.with_time("seconds", 1.0)
     index = cfg.with_time("index")

@@ -71,7 +71,7 @@ class RunDir:
             holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "a process that has not yet written its name"
             os.close(fd)
             raise EqmError(f"run directory {self.path} is in use by another training ({holder}); "
-                           "wait for it to end, or choose another --run-dir") from None
+                           "wait for it to end, or choose another run directory") from None
         started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)

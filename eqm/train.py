@@ -416,7 +416,7 @@ def _plan_run(recipe: Recipe, run_dir: Optional[PathLike], resume: Optional[Path
     if run_dir is not None:
         run_dir = Path(run_dir)
         if ckpt_io.list_checkpoints(run_dir):
-            raise EqmError(f"run directory {run_dir} already has checkpoints; pass --resume latest to continue it, or choose another --run-dir")
+            raise EqmError(f"run directory {run_dir} already has checkpoints; resume='latest' continues it (eqmctl train --resume latest), or choose another run_dir")
         return run_dir, None
     return new_run_dir(runs_root, recipe.name or "run"), None
 
@@ -915,7 +915,7 @@ class _Loop:
         lower = f"lower train.lr (now {t.lr:g}) or raise train.warmup_steps (now {t.warmup_steps})"
         if good is not None:
             return (f"the last good checkpoint is {good} (the next step's loss was {self.good[1]:.4g}){moved}; "
-                    f"{lower}, then --resume {good}")
+                    f"{lower}, then resume from {good}")
         if run.resume_ckpt is None:
             return f"no checkpoint of this run was followed by a healthy step{moved}; {lower} and train again"
         return (f"the step after {run.resume_ckpt} was not healthy either{moved}; "

@@ -418,7 +418,7 @@ def test_an_early_blow_up_names_a_checkpoint_whose_loss_was_healthy(tmp_path):
     (aside,) = (run / "checkpoints").glob("abandoned-*")
     assert (aside / "step_0000007" / "state.json").is_file()
     # the advice: a lower lr, then --resume that checkpoint; the loss stays at its healthy level
-    assert f"lower train.lr (now 1) or raise train.warmup_steps (now 0), then --resume {good}" in err
+    assert f"lower train.lr (now 1) or raise train.warmup_steps (now 0), then resume from {good}" in err
     res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=10", "--resume", str(good)])
     assert res.exit_code == 0, res.output
     rows = metrics(run)
