@@ -196,41 +196,32 @@ def main(argv=None):
     print(f"config: hidden {args.hidden}, depth {args.depth}, heads {args.heads}, patch {args.patch}, "
           f"{args.channels} channels, batch {B}, {tokens} tokens per sample, device {args.device}, "
           f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'float32'}")
-    entries = []  # (name, model, input, timestamps)
+    entries = {}  # role -> (name, model, input, timestamps)
     ref = reference_model(args)
     if ref is None:
         print("note: diffusers is not installed; the reference column is skipped (pip install diffusers)")
     else:
-        entries.append(("reference DiT (diffusers) image", ref, img, None))
+        entries["reference"] = ("reference DiT (diffusers) image", ref, img, None)
     if args.official_models:
-        entries.append(("official EqM (models.py) image", official_model(args.official_models, args), img, None))
-    entries += [
-        (f"ours image {args.size}x{args.size}", ours(args, 1, args.size), img, None),
-        (f"ours video {args.frames}x{clip}x{clip} sincos", ours(args, args.frames, clip), vid, ts),
-        (f"ours video {args.frames}x{clip}x{clip} rope", ours(args, args.frames, clip, "rope"), vid, ts),
-    ]
-    rates = throughputs([_Trainer(m, x, t, y, args) for _, m, x, t in entries], args)
-    rows = [(name, sum(p.numel() for p in m.parameters()), r) for (name, m, _, _), r in zip(entries, rates)]
-    official = rows[1 if ref is not None else 0][2] if args.official_models else None
+        entries["official"] = ("official EqM (models.py) image", official_model(args.official_models, args), img, None)
+    entries["image"] = (f"ours image {args.size}x{args.size}", ours(args, 1, args.size), img, None)
+    entries["video"] = (f"ours video {args.frames}x{clip}x{clip} sincos", ours(args, args.frames, clip), vid, ts)
+    entries["rope"] = (f"ours video {args.frames}x{clip}x{clip} rope", ours(args, args.frames, clip, "rope"), vid, ts)
+    rates = throughputs([_Trainer(m, x, t, y, args) for _, m, x, t in entries.values()], args)
+    sps = dict(zip(entries, rates))  # role -> samples/s
 
-    width = max(len(r[0]) for r in rows)
+    width = max(len(e[0]) for e in entries.values())
     print(f"{'model':<{width}}  {'params':>10}  {'samples/s':>10}")
-    for name, n, sps in rows:
-        print(f"{name:<{width}}  {n:>10,}  {sps:>10.1f}")
+    for role, (name, m, _, _) in entries.items():
+        print(f"{name:<{width}}  {sum(p.numel() for p in m.parameters()):>10,}  {sps[role]:>10.1f}")
 
-    img_sps = rows[-3][2]
-    vid_sps = rows[-2][2]
-    rope_sps = rows[-1][2]
     print("ratios (higher = ours faster):")
-    if ref is not None:
-        ref_sps = rows[0][2]
-        print(f"  ours image / reference DiT         {img_sps / ref_sps:.3f}")
-        print(f"  ours video / reference DiT         {vid_sps / ref_sps:.3f}   (equal tokens per sample)")
-    if official is not None:
-        print(f"  ours image / official EqM          {img_sps / official:.3f}")
-        print(f"  ours video / official EqM          {vid_sps / official:.3f}   (equal tokens per sample)")
-    print(f"  ours video / ours image            {vid_sps / img_sps:.3f}   (equal tokens per sample)")
-    print(f"  ours video rope / ours video sincos {rope_sps / vid_sps:.3f}")
+    for other, label in (("reference", "reference DiT"), ("official", "official EqM")):
+        if other in sps:
+            print(f"  ours image / {label:<21} {sps['image'] / sps[other]:.3f}")
+            print(f"  ours video / {label:<21} {sps['video'] / sps[other]:.3f}   (equal tokens per sample)")
+    print(f"  ours video / ours image            {sps['video'] / sps['image']:.3f}   (equal tokens per sample)")
+    print(f"  ours video rope / ours video sincos {sps['rope'] / sps['video']:.3f}")
 
 
 if __name__ == "__main__":
