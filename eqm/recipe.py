@@ -138,6 +138,12 @@ class SyntheticConfig:
     length: int = _f(4096, "clips per epoch (every clip is rendered on the fly at its own random fps)")
     speed: Optional[float] = _f(None, "shape speed in pixels per second; null = the dataset's default")
     radius: Optional[float] = _f(None, "shape radius in pixels; null = the dataset's default")
+    start: Literal["random", "per-class"] = _f(
+        "random",
+        "random: a clip starts anywhere its path fits; per-class: every clip of a class starts at the "
+        "same point along its direction (anywhere across it), so the class says where the shape is "
+        "at each moment (what lets the demo's model follow its labels in 1600 steps, docs/demo.md)",
+    )
 
 
 @dataclass

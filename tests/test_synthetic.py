@@ -87,6 +87,35 @@ def test_random_starts_keep_the_disc_inside_for_the_duration():
     assert max(xs) - min(xs) > 5
 
 
+def test_per_class_starts_share_one_track_along_the_direction():
+    m = SyntheticMotion(num_classes=8, height=32, width=32, max_duration=1.2, start="per-class")
+    free = SyntheticMotion(num_classes=8, height=32, width=32, max_duration=1.2)
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        d = np.asarray(m.velocity(k)) / m.speed(k)
+        across = np.array([-d[1], d[0]])
+        for duration in (1.2, 0.5):
+            t = np.linspace(0, duration, 7)
+            starts = np.array([m.random_start(k, rng, duration=duration) for _ in range(30)])
+            for s in starts:  # the disc stays inside the frame for the clip's duration
+                v = m.render(k, t, start=tuple(s))
+                border = torch.cat([v[:, :, 0], v[:, :, -1], v[:, :, :, 0], v[:, :, :, -1]], dim=-1)
+                assert torch.all(border == -1.0), k
+            along = starts @ d
+            if k % 2 == 0:  # axis-aligned: every start on the track of the path centred over 1.2 s
+                track = np.asarray(m.centered_start(k, 0.0, 1.2)) @ d
+                np.testing.assert_allclose(along, track, atol=1e-9)
+                assert np.ptp(starts @ across) > 5  # across the motion: anywhere
+            free_along = np.array([free.random_start(k, rng, duration=duration) for _ in range(30)]) @ d
+            assert np.ptp(along) < np.ptp(free_along)
+    # the same random draws as "random": only the start along the direction moves
+    a, b = (SyntheticMotion(4, 16, 16, max_duration=1.0, start=s).random_start(0, 3, duration=0.5)
+            for s in ("random", "per-class"))
+    assert a[1] == b[1] and a[0] != b[0]
+    with pytest.raises(EqmError, match="start must be one of random, per-class"):
+        SyntheticMotion(start="edge")
+
+
 def test_speed_that_cannot_fit_is_refused_and_default_shrinks():
     with pytest.raises(EqmError, match="speed 40 px/s"):
         SyntheticMotion(num_classes=4, height=32, width=32, speed=40.0, max_duration=1.0)

@@ -517,29 +517,29 @@ class ManifestDataset(_VideoClipDataset):
 # ================================================================================================
 
 
-def synthetic_motion(policy: ClipPolicy, num_classes: int, speed=None, radius=None):
+def synthetic_motion(policy: ClipPolicy, num_classes: int, speed=None, radius=None, start: str = "random"):
     """The SyntheticMotion a synthetic training run uses: frames of the policy's size, starts that
     keep the shape inside for the policy's longest clip. Evaluation code should build the ground
     truth with this (or take `dataset.motion`): the default speed depends on max_duration."""
     from eqm.data.synthetic import SyntheticMotion
 
     return SyntheticMotion(num_classes, policy.height, policy.width, speed=speed, radius=radius,
-                           max_duration=policy.max_duration)
+                           max_duration=policy.max_duration, start=start)
 
 
 def build_dataset(source: str, *, root=None, manifest=None, policy: ClipPolicy, num_classes: int, length: int,
-                  seed: int, speed=None, radius=None, clips_per_file: int = 1,
+                  seed: int, speed=None, radius=None, start: str = "random", clips_per_file: int = 1,
                   warn: Optional[Callable[[str], None]] = None):
     """The dataset named by a recipe's data section.
 
-    source: "synthetic" (SyntheticMotion(num_classes, policy size, speed, radius) rendered on the
-    fly, `length` clips), "folder" (VideoFolderDataset over `root`) or "manifest"
-    (ManifestDataset over `manifest`). speed / radius only apply to the synthetic source,
+    source: "synthetic" (SyntheticMotion(num_classes, policy size, speed, radius, start) rendered
+    on the fly, `length` clips), "folder" (VideoFolderDataset over `root`) or "manifest"
+    (ManifestDataset over `manifest`). speed / radius / start only apply to the synthetic source,
     clips_per_file only to the file sources.
     warn receives the one-line data warnings (skipped files); default: warnings.warn(DataWarning).
     """
     if source == "synthetic":
-        return SyntheticClipDataset(synthetic_motion(policy, num_classes, speed, radius), policy, length, seed)
+        return SyntheticClipDataset(synthetic_motion(policy, num_classes, speed, radius, start), policy, length, seed)
     if source == "folder":
         if root is None:
             raise EqmError("data.root is required when data.source is 'folder' (the folder of class subfolders)")
@@ -559,6 +559,7 @@ def dataset_from_config(d, seed: int, warn: Optional[Callable[[str], None]] = No
     synth = {k: v for k, v in (("speed", d.synthetic.speed), ("radius", d.synthetic.radius)) if v is not None}
     return build_dataset(d.source, root=d.root, manifest=d.manifest, policy=policy,
                          num_classes=d.synthetic.num_classes, length=d.synthetic.length, seed=seed,
+                         start=d.synthetic.start,
                          clips_per_file=d.clips_per_file, warn=warn, **synth)
 
 

@@ -20,6 +20,10 @@ Choices (each one keeps the ground truth clean for `eqm.data.speed.estimate_velo
   (`random_start`). That needs the travel speed * duration to fit in the frame: the class checks
   it against `max_duration` (the longest clip the caller will ask for) and refuses a speed that
   cannot fit, and the default speed shrinks to fit when the frame is small or the clips long.
+* `start="per-class"` pins the start along the class's direction (across it, anywhere): every
+  clip of a class then follows one track, so the class says where the disc is at each moment
+  and not only which way it goes. A small model learns to follow its label far sooner on such
+  data (docs/demo.md#why-the-discs-did-not-follow-their-class); "random" is the general case.
 * Pixel (row i, column j) has its centre at (x, y) = (j, i). The disc centre must stay within
   [radius + 0.5, size - 1.5 - radius] on each axis, so every pixel the rim ramp touches is in
   the frame (half a pixel of slack on both sides).
@@ -47,6 +51,8 @@ DEFAULT_RADIUS_FRACTION = 0.125
 EDGE_SLACK = 0.5
 #: Share of the free path the default speed may use when it has to shrink to fit max_duration.
 _FIT_SHARE = 0.9
+#: Where a clip starts: anywhere its path fits, or on its class's track (see the module docstring).
+START_MODES = ("random", "per-class")
 
 
 class SyntheticMotion:
@@ -60,6 +66,8 @@ class SyntheticMotion:
     max_duration: the longest clip (seconds, first to last frame) the caller will render; random
       starts keep the disc inside the frame for this long. EqmError if the speed cannot fit.
     background, foreground: pixel values in [-1, 1] of the background and of the disc.
+    start: "random" (a start anywhere the clip fits) or "per-class" (every clip of a class starts
+      at the same point along its direction, the start of its path centred over max_duration).
     """
 
     def __init__(
@@ -73,7 +81,11 @@ class SyntheticMotion:
         max_duration: float = 1.0,
         background: float = -1.0,
         foreground: float = 1.0,
+        start: str = "random",
     ):
+        if start not in START_MODES:
+            raise EqmError(f"synthetic start must be one of {', '.join(START_MODES)}, got {start!r}")
+        self.start = start
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise EqmError(f"synthetic num_classes must be a positive integer, got {num_classes!r}")
         for name, v in (("height", height), ("width", width)):
@@ -204,7 +216,18 @@ class SyntheticMotion:
         seed); the disc stays fully visible over [0, duration]."""
         g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         (x_lo, x_hi), (y_lo, y_hi) = self.start_range(label, duration)
-        return float(g.uniform(x_lo, x_hi)), float(g.uniform(y_lo, y_hi))
+        x, y = float(g.uniform(x_lo, x_hi)), float(g.uniform(y_lo, y_hi))
+        if self.start == "random":
+            return x, y
+        return self._onto_track(label, (x, y), ((x_lo, x_hi), (y_lo, y_hi)))
+
+    def _onto_track(self, label: int, point, ranges) -> tuple[float, float]:
+        """``point`` moved along the class's direction onto its track: the line across the motion
+        through the start of the path centred over [0, max_duration]; kept inside ``ranges``."""
+        d = self._vel[label] / np.linalg.norm(self._vel[label])
+        p, track = np.asarray(point, dtype=np.float64), np.asarray(self.centered_start(label, 0.0, self.max_duration))
+        q = p + float(np.dot(track - p, d)) * d
+        return tuple(float(np.clip(v, lo, hi)) for v, (lo, hi) in zip(q, ranges))
 
     def centered_start(self, label: int, t0: float, t1: float) -> tuple[float, float]:
         """The start (centre at t = 0) whose path over [t0, t1] is centred in the frame."""
@@ -313,7 +336,7 @@ class SyntheticMotion:
                 write_video(p, video, fps, crf=crf, codec=codec)
                 paths.append(p)
         info = {
-            "height": self.height, "width": self.width, "radius": self.radius,
+            "height": self.height, "width": self.width, "radius": self.radius, "start": self.start,
             "units": "pixels per second; x to the right, y down",
             "classes": [
                 {"label": k, "folder": names[k], "vx": self.velocity(k)[0], "vy": self.velocity(k)[1],
@@ -327,7 +350,7 @@ class SyntheticMotion:
     def __repr__(self) -> str:
         return (f"SyntheticMotion(num_classes={self.num_classes}, height={self.height}, width={self.width}, "
                 f"speed={self.speeds if len(set(self.speeds)) > 1 else self.speeds[0]:}, radius={self.radius:g}, "
-                f"max_duration={self.max_duration:g})")
+                f"max_duration={self.max_duration:g}, start={self.start!r})")
 
 
 def _to_numpy(x):
