@@ -10,8 +10,9 @@ DEMO_RECIPE ?= recipes/demo.yaml
 # The sampler settings measured for the demo (docs/demo.md): the null-label pass every
 # 2nd step, 20 steps of 0.05 instead of 40 of 0.03 (bf16 autocast did not pay on this CPU).
 DEMO_SAMPLE ?= --cfg-every 2 --steps 20 --step-size 0.05 --tol 0
-# Recipe overrides for the demo's training run: `make demo DEMO_TRAIN=train.steps=6000` trains
-# long enough for the discs to follow their class (963-1707 s with the VM's speed: docs/demo.md).
+# Recipe overrides for the demo's training run, e.g. `make demo DEMO_TRAIN="train.steps=6000
+# data.synthetic.start=random"`: clips that start anywhere need about 6000 steps before the discs
+# follow their class (963-1707 s with the VM's speed: docs/demo.md).
 DEMO_TRAIN ?=
 
 .PHONY: venv demo test test-slow clean
