@@ -161,16 +161,15 @@ def test_synthetic_speed_and_radius_from_recipe_and_too_fast():
         build_dataset("synthetic", policy=POLICY, num_classes=2, length=0, seed=0)
 
 
-
-def test_synthetic_start_from_the_recipe_key(tmp_path):
+def test_synthetic_start_from_the_recipe_key():
     from eqm.latent import recipe_dataset
     from eqm.recipe import load_recipe
 
     demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
-    assert recipe_dataset(load_recipe(demo)).motion.start == "per-class"  # what make demo trains on
+    pinned = recipe_dataset(load_recipe(demo))
+    assert pinned.motion.start == "per-class"  # what make demo trains on
     ds = recipe_dataset(load_recipe(demo, ["data.synthetic.start=random"]))
     assert ds.motion.start == "random"
-    pinned = recipe_dataset(load_recipe(demo))
     # item i: the same rate and the same position across the motion, pinned along it
     first = lambda d, k: d[k]["video"][0, 0].add(1).nonzero().float().mean(0)  # noqa: E731 (row, col)
     for k in (0, 4):  # class 0 moves right: the column is pinned, the row is not

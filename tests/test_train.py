@@ -314,7 +314,7 @@ def test_resume_with_raised_steps_follows_the_recipes_schedule(tmp_path):
 
 
 def test_resume_applies_a_lowered_lr_and_weight_decay(tmp_path):
-    # the divergence message's advice ("lower train.lr, then --resume") must take effect
+    # the divergence message's advice ("lower train.lr, then resume from <checkpoint>") must take effect
     train(recipe("train.steps=2", "train.weight_decay=0.0"), tmp_path / "run", log=quiet)
     lines = []
     train(recipe("train.steps=4", "train.lr=2.5e-4", "train.weight_decay=0.05"), tmp_path / "run",
@@ -417,7 +417,7 @@ def test_an_early_blow_up_names_a_checkpoint_whose_loss_was_healthy(tmp_path):
     assert C.list_checkpoints(run) == [good]
     (aside,) = (run / "checkpoints").glob("abandoned-*")
     assert (aside / "step_0000007" / "state.json").is_file()
-    # the advice: a lower lr, then --resume that checkpoint; the loss stays at its healthy level
+    # the advice: a lower lr, then resume from that checkpoint; the loss stays at its healthy level
     assert f"lower train.lr (now 1) or raise train.warmup_steps (now 0), then resume from {good}" in err
     res = runner.invoke(app, ["train", str(TINY), *FAST, "train.steps=10", "--resume", str(good)])
     assert res.exit_code == 0, res.output
