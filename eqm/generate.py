@@ -508,12 +508,16 @@ def load_for_sampling(ckpt=None, *, use_ema: bool = True, device: Optional[str] 
     ckpt: what :func:`eqm.checkpoint.resolve_checkpoint` takes (None: the latest run under
     ``runs_root``; a run's damaged newest checkpoint is passed over).  Returns (model, state,
     notes); the notes say when a checkpoint was passed over, and when the EMA weights were asked
-    for and the checkpoint has none, so the raw weights are used.
+    for and the checkpoint has none, so the raw weights are used.  On the CPU the process keeps
+    the memory it frees for the next sampler step (eqm.allocator).
     """
+    from .allocator import keep_freed_memory
     from .checkpoint import EMA_FILE, load_model, resolve_checkpoint
 
     notes: list = []
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     path = resolve_checkpoint(ckpt, runs_root, warn=notes.append)
     model, state = load_model(path, use_ema=use_ema, device=dev)
     if use_ema and Path(state["weights"]).name != EMA_FILE:

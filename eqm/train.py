@@ -726,9 +726,13 @@ class _Run:
 
 
 def _setup_run(recipe: Recipe, accelerator, plan: _Plan, warn: Callable[[str], None]) -> _Run:
-    """Build the dataset, the model (keeping a resumed checkpoint's time layout), EMA and optimizer."""
+    """Build the dataset, the model (keeping a resumed checkpoint's time layout), EMA and optimizer;
+    on the CPU the process then keeps the memory it frees for the next step (eqm.allocator)."""
+    from .allocator import keep_freed_memory
     from .latent import model_input_shape, recipe_dataset, training_space
 
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()
     main = accelerator.is_main_process
     check_memory(recipe, accelerator.device)  # before anything is built
     dataset = recipe_dataset(recipe, warn=warn if main else (lambda _msg: None))
