@@ -43,6 +43,8 @@ import yaml
 from .errors import EqmError, ParamError, brief
 
 if typing.TYPE_CHECKING:
+    from fractions import Fraction
+
     from .config import EqMConfig, SamplerSettings
 
 
@@ -307,6 +309,13 @@ class Recipe:
             return EqMConfig.from_size(self.model.size, **values)
         except ParamError as e:
             raise EqmError(_recipe_terms(e)) from None
+
+    def preview_rate(self) -> "Fraction":
+        """``train.preview_fps`` as the exact rate previews are sampled and written at; raises
+        EqmError naming the key."""
+        from .timebase import parse_fps
+
+        return parse_fps(self.train.preview_fps, name="train.preview_fps")
 
     def sampler_settings(self) -> "SamplerSettings":
         """The :class:`~eqm.config.SamplerSettings` of the ``sample`` section (same field names;
@@ -630,9 +639,10 @@ def validate(recipe: Recipe, where: str = "recipe") -> Recipe:
     if tr.preview_frames is not None:
         need(tr.preview_frames % m.temporal_patch == 0, "train.preview_frames", f"must be divisible by model.temporal_patch ({m.temporal_patch})")
     need(tr.preview_samples >= 1, "train.preview_samples", "must be >= 1")
-    from .timebase import parse_fps
-
-    parse_fps(tr.preview_fps, name=f"{where}: train.preview_fps")  # raises naming the key
+    try:
+        recipe.preview_rate()
+    except EqmError as e:
+        raise EqmError(f"{where}: {e}") from None
     # sample
     if s.cfg_scale != 1.0:
         need(m.num_classes != 0, "sample.cfg_scale", "must be 1 for an unconditional model (model.num_classes: 0)")

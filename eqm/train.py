@@ -500,12 +500,11 @@ def write_preview(model, recipe: Recipe, path: Path, device, space=None) -> Path
     preview rate are sampled and decoded.
     """
     from .sampler import sample
-    from .timebase import parse_fps
     from .vae import plan_latents
     from .video.io import write_video
 
     t = recipe.train
-    fps = parse_fps(t.preview_fps, name="train.preview_fps")
+    fps = recipe.preview_rate()
     T = t.preview_frames or recipe.data.num_frames
     n = t.preview_samples
     plan = plan_latents(fps, T, space.temporal if space is not None else 1)
