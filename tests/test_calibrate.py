@@ -254,3 +254,31 @@ def test_a_briefly_trained_index_model_speeds_up_with_the_rate(tmp_path):
     print(f"speed ratio at 60 fps over 6 fps: {growth}")
     assert growth["index"] > 2.0, growth
     assert growth["index"] > growth["seconds"], growth
+
+
+def test_the_pan_footage_script_films_mixed_rates_that_move_each_class_its_way(tmp_path):
+    """benchmarks/pan_footage.py, the real-footage data of docs/calibration.md: files at their
+    stated exact rates in both containers, and each class moves its direction at the set speed
+    as the flow estimator reads it through a manifest, as training reads it."""
+    from bench_import import load_benchmark
+
+    from eqm.calibrate import summarize_reference
+    from eqm.data.clips import ManifestDataset
+    from eqm.video.probe import probe_file, write_manifest
+
+    pans = load_benchmark("pan_footage")
+    root = tmp_path / "pans"
+    assert pans.main(["--out", str(root), "--seconds", "2"]) == 0
+    assert pans.main(["--out", str(root)]) == 2  # never films over an existing folder
+    results = [probe_file(p) for p in sorted(root.rglob("pan_*"))]
+    assert len(results) == 20 and all(r.status == "ok" for r in results)
+    assert {r.fps for r in results} == {"8", "12", "15", "24000/1001", "30000/1001"}
+    assert {r.container for r in results} == {"mp4", "mkv"}
+    write_manifest(results, tmp_path / "pans.jsonl")
+    policy = ClipPolicy(num_frames=8, fps_min=4, fps_max=16, height=16, width=16)
+    ds = ManifestDataset(tmp_path / "pans.jsonl", policy, seed=0, clips_per_file=2)
+    ref = summarize_reference(measure_dataset(ds, 40), "pans")
+    assert sorted(ds.class_names) == sorted(pans.DIRECTIONS)
+    for k, name in enumerate(ds.class_names):
+        assert ref.class_speed[k] == pytest.approx(4.0, rel=0.2), name
+        assert np.allclose(ref.class_direction[k], pans.DIRECTIONS[name], atol=0.2), name
