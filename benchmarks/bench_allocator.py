@@ -26,30 +26,20 @@ def _worker(recipe_path: str, kind: str, keep: bool, steps: int) -> dict:
     import resource
 
     import torch
+    from bench_demo import recipe_batch, training_step  # a sibling script: benchmarks/ is sys.path[0]
 
     from eqm.allocator import keep_freed_memory
-    from eqm.latent import recipe_dataset
-    from eqm.objective import eqm_loss
     from eqm.recipe import load_recipe
     from eqm.train import build_model, native_bf16
 
     applied = keep_freed_memory() if keep else False
     recipe = load_recipe(recipe_path)
-    ds = recipe_dataset(recipe)
+    ds, batch = recipe_batch(recipe)
     model = build_model(recipe, int(ds.num_classes))
     mp = recipe.train.mixed_precision
     bf16 = mp == "bf16" or (mp == "auto" and native_bf16(False))
     if kind == "train":
-        batch = torch.utils.data.default_collate([ds[i] for i in range(recipe.train.batch_size)])
-        x, ts, y = batch["video"], batch["timestamps"].float(), batch["label"]
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr)
-
-        def once():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = eqm_loss(model, x, ts, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        once = training_step(model.train(), batch, recipe.train.lr, bf16)
     else:
         from eqm.config import SamplerSettings
         from eqm.generate import generate

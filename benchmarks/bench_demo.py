@@ -156,32 +156,51 @@ def levers(model, recipe, motion, args) -> None:
               f"{s['coherent_frames'] * 100:>7.1f}%  {s['speed_error'] * 100:>11.1f}%", flush=True)
 
 
+def training_step(model, batch: dict, lr: float, bf16: bool, forward=None):
+    """A function running one training step (EqM loss, backward, AdamW) on a fixed batch;
+    ``forward``: what computes the loss (e.g. torch.compile(model)), default the model."""
+    import torch
+
+    from eqm.objective import eqm_loss
+
+    x, ts, y = batch["video"], batch["timestamps"].float(), batch["label"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    fwd = model if forward is None else forward  # not `or`: a compiled module has no truth value
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = eqm_loss(fwd, x, ts, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def recipe_batch(recipe) -> tuple:
+    """(dataset, one collated batch of train.batch_size clips) of a recipe's training data."""
+    import torch
+
+    from eqm.latent import recipe_dataset
+
+    ds = recipe_dataset(recipe)
+    return ds, torch.utils.data.default_collate([ds[i] for i in range(recipe.train.batch_size)])
+
+
 def train_levers(recipe, args) -> None:
     """Seconds per training step (loss, backward, AdamW) of the recipe's model and batch size."""
     import torch
 
-    from eqm.objective import eqm_loss
-    from eqm.latent import recipe_dataset
     from eqm.train import build_model
 
-    ds = recipe_dataset(recipe)
-    batch = torch.utils.data.default_collate([ds[i] for i in range(recipe.train.batch_size)])
-    x, ts, y = batch["video"], batch["timestamps"].float(), batch["label"]
+    ds, batch = recipe_batch(recipe)
+    x = batch["video"]
     print(f"\ntraining levers: {recipe.name}, batch {recipe.train.batch_size}, {tuple(x.shape[1:])} clips, "
           f"{args.train_iters} steps each after warm-up")
     rows = []
     for name, bf16, compiled in (("fp32", False, False), ("bf16 autocast", True, False), ("torch.compile fp32", False, True)):
         model = build_model(recipe, int(ds.num_classes)).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr)
-        fwd = torch.compile(model) if compiled else model
-
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = eqm_loss(fwd, x, ts, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = training_step(model, batch, recipe.train.lr, bf16, torch.compile(model) if compiled else None)
         t0 = time.perf_counter()
         step()
         warm = time.perf_counter() - t0
