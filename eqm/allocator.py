@@ -29,8 +29,8 @@ def keep_freed_memory() -> bool:
 
     Returns whether the setting is in force: False where the C library is not glibc (musl,
     macOS, Windows), which keep their own allocation policies. Process-wide and irreversible,
-    so it is applied where a run starts on the CPU (eqm.train, eqm.generate.sample_checkpoint),
-    not on import.
+    so it is applied where a run starts on the CPU (eqm.train's setup and
+    eqm.generate.load_for_sampling), not on import.
     """
     global _applied
     if _applied:
