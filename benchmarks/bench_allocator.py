@@ -30,14 +30,13 @@ def _worker(recipe_path: str, kind: str, keep: bool, steps: int) -> dict:
 
     from eqm.allocator import keep_freed_memory
     from eqm.recipe import load_recipe
-    from eqm.train import build_model, native_bf16
+    from eqm.train import build_model, resolve_mixed_precision
 
     applied = keep_freed_memory() if keep else False
     recipe = load_recipe(recipe_path)
     ds, batch = recipe_batch(recipe)
     model = build_model(recipe, int(ds.num_classes))
-    mp = recipe.train.mixed_precision
-    bf16 = mp == "bf16" or (mp == "auto" and native_bf16(False))
+    bf16 = resolve_mixed_precision(recipe.train.mixed_precision, cuda=False) == "bf16"
     if kind == "train":
         once = training_step(model.train(), batch, recipe.train.lr, bf16)
     else:

@@ -558,16 +558,23 @@ def native_bf16(cuda: bool) -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
+def resolve_mixed_precision(setting: str, cuda: bool) -> str:
+    """``train.mixed_precision`` as training runs it here: "bf16", "fp16" or "no".  auto = bf16
+    where it is native (:func:`native_bf16`), else no; fp16 without a GPU = no (bf16 autocast
+    runs on the CPU, fp16 does not)."""
+    if setting == "auto":
+        return "bf16" if native_bf16(cuda) else "no"
+    return "no" if setting == "fp16" and not cuda else setting
+
+
 def _build_accelerator(recipe: Recipe, run_dir: Optional[Path], warn: Callable[[str], None]):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    mp = recipe.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if native_bf16(cuda) else "no"
-    if mp == "fp16" and not cuda:  # bf16 autocast runs on the CPU (AVX-512 BF16 / AMX run it natively)
-        warn(f"train.mixed_precision={mp} needs a GPU; training in float32 on the CPU (bf16 works there)")
-        mp = "no"
+    setting = recipe.train.mixed_precision
+    mp = resolve_mixed_precision(setting, cuda)
+    if setting == "fp16" and mp == "no":
+        warn(f"train.mixed_precision={setting} needs a GPU; training in float32 on the CPU (bf16 works there)")
     log_with = check_tracker(recipe.tracking.backend)
     kwargs: dict[str, Any] = {}
     if log_with is not None:

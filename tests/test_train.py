@@ -557,3 +557,12 @@ def test_bf16_mixed_precision_runs_under_cpu_autocast_with_float32_weights(tmp_p
     assert {t.dtype for t in weights.values()} == {torch.float32}
     opt = C.load_training_state(res.last_checkpoint)["optimizer"]["state"]
     assert {v["exp_avg"].dtype for v in opt.values()} == {torch.float32}
+
+
+def test_mixed_precision_resolves_auto_and_drops_fp16_without_a_gpu():
+    from eqm.train import native_bf16, resolve_mixed_precision
+
+    assert resolve_mixed_precision("auto", cuda=False) == ("bf16" if native_bf16(False) else "no")
+    assert resolve_mixed_precision("fp16", cuda=False) == "no"  # fp16 autocast needs a GPU
+    assert [resolve_mixed_precision(s, cuda=False) for s in ("bf16", "no")] == ["bf16", "no"]
+    assert resolve_mixed_precision("fp16", cuda=True) == "fp16"
